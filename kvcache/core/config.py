@@ -1,0 +1,77 @@
+"""Configuration dataclasses shared by the processes, and parsing of byte quantities.
+
+Sizes are written the Kubernetes way ("64Gi", "512Mi", "2G") so the same strings work in a
+KVCacheCluster spec, on the command line and in tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from kvcache.core.protocol import DEFAULT_LIMITS, Limits
+
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]i?|k)?\s*$")
+_FACTORS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_bytes(quantity: str | int) -> int:
+    """'64Gi' -> 68719476736; plain integers pass through. Raises ValueError on anything else."""
+    if isinstance(quantity, int):
+        if quantity < 0:
+            raise ValueError(f"byte quantity must be >= 0, got {quantity}")
+        return quantity
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"not a byte quantity: {quantity!r} (examples: 512Mi, 64Gi, 1000000)")
+    number, suffix = match.groups()
+    return int(float(number) * _FACTORS[suffix])
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One cache node: where it listens and how much memory its tier may hold."""
+
+    node_id: str
+    host: str = "127.0.0.1"
+    port: int = 7400
+    admin_port: int = 7401
+    memory_bytes: int = 1 << 30
+    limits: Limits = DEFAULT_LIMITS
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a cluster client batches, pipelines and gives up on requests.
+
+    `frame_bytes` splits values so no libzmq message part exceeds ~2 MiB (larger parts each get a
+    fresh, page-faulting allocation); `put_batch_bytes` and `get_batch_keys` size one request;
+    `window` requests per node are in flight at once so acknowledgements never stall the pipe.
+    """
+
+    timeout_s: float = 2.0
+    frame_bytes: int = 2 << 20
+    put_batch_bytes: int = 8 << 20
+    get_batch_keys: int = 8
+    window: int = 4
+    down_backoff_s: float = 1.0
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
