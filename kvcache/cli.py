@@ -17,7 +17,7 @@ def _node(args: argparse.Namespace) -> None:
             host=args.host,
             port=args.port,
             admin_port=args.admin_port,
-            memory_bytes=parse_bytes(args.memory),
+            memory_bytes=args.memory,
         )
     )
 
@@ -25,7 +25,7 @@ def _node(args: argparse.Namespace) -> None:
 def _up(args: argparse.Namespace) -> None:
     from kvcache.up import run_local_demo
 
-    run_local_demo(nodes=args.nodes, memory_bytes=parse_bytes(args.memory), prompts=args.prompts)
+    run_local_demo(nodes=args.nodes, memory_bytes=args.memory, prompts=args.prompts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--host", default="127.0.0.1", help="interface for both ports")
     node.add_argument("--port", type=int, default=7400, help="ZeroMQ data port")
     node.add_argument("--admin-port", type=int, default=7401, help="admin HTTP port")
-    node.add_argument("--memory", default="1Gi", help="memory tier budget, e.g. 512Mi, 64Gi")
+    node.add_argument(
+        "--memory", type=parse_bytes, default="1Gi", help="memory tier budget, e.g. 512Mi, 64Gi"
+    )
     node.set_defaults(run=_node)
 
     up = commands.add_parser("up", help="a local cluster of node processes and a demo workload")
     up.add_argument("--nodes", type=int, default=3, help="how many cache node processes")
-    up.add_argument("--memory", default="1Gi", help="memory budget of each node")
+    up.add_argument("--memory", type=parse_bytes, default="1Gi", help="memory budget of each node")
     up.add_argument("--prompts", type=int, default=16, help="prompts in the demo workload")
     up.set_defaults(run=_up)
     return parser

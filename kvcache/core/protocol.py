@@ -47,6 +47,8 @@ class Limits:
     max_frame_bytes: int = 4 << 20
     max_request_bytes: int = 1 << 30
     max_meta_entries: int = 16
+    # Small enough that a GET reply's header for max_keys values always fits max_header_bytes.
+    max_meta_bytes: int = 128
 
     @property
     def max_message_part(self) -> int:
@@ -143,7 +145,7 @@ def _unpack_map(header: bytes | memoryview, limits: Limits) -> dict[str, Any]:
             strict_map_key=True,
             max_bin_len=limits.max_header_bytes,
             max_str_len=limits.max_header_bytes,
-            max_array_len=max(limits.max_keys, 64),
+            max_array_len=limits.max_header_bytes,  # bounded by bytes; key count checked after
             max_map_len=64,
             max_ext_len=0,
         )
@@ -158,7 +160,7 @@ def decode_header(header: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -
     """Unpack a header within the limits and check its protocol version."""
     decoded = _unpack_map(header, limits)
     version = decoded.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported; this side speaks {PROTOCOL_VERSION}",
@@ -229,6 +231,11 @@ def _value_info(raw: Any, index: int, limits: Limits) -> ValueInfo:
         raise ProtocolError(
             ErrorCode.MALFORMED_HEADER,
             f"value {index}: meta must be a map of at most {limits.max_meta_entries} entries",
+        )
+    if meta and len(msgpack.packb(meta, use_bin_type=True)) > limits.max_meta_bytes:
+        raise ProtocolError(
+            ErrorCode.MALFORMED_HEADER,
+            f"value {index}: meta is over {limits.max_meta_bytes} bytes packed",
         )
     return ValueInfo(size=size, frames=frames, checksum=checksum, meta=meta)
 
