@@ -11,15 +11,14 @@ from kvcache.core.config import NodeConfig, parse_bytes
 def _node(args: argparse.Namespace) -> None:
     from kvcache.cachenode.node import run_node
 
-    run_node(
-        NodeConfig(
-            node_id=args.node_id,
-            host=args.host,
-            port=args.port,
-            admin_port=args.admin_port,
-            memory_bytes=args.memory,
-        )
+    config = NodeConfig(
+        node_id=args.node_id,
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        memory_bytes=args.memory,
     )
+    run_node(config, log_level=args.log_level)
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -40,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--memory", type=parse_bytes, default="1Gi", help="memory tier budget, e.g. 512Mi, 64Gi"
     )
+    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.set_defaults(run=_node)
 
     up = commands.add_parser("up", help="a local cluster of node processes and a demo workload")

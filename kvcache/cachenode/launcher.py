@@ -48,6 +48,7 @@ class NodeProcess:
             "--port", str(self.port),
             "--admin-port", str(self.admin_port),
             "--memory", str(self.memory_bytes),
+            "--log-level", "WARNING",
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 

@@ -11,13 +11,14 @@ import signal
 import sys
 
 import uvicorn
-import zmq.asyncio
+import zmq
 
 from kvcache.cachenode.admin import create_admin_app
 from kvcache.cachenode.handler import RequestHandler
 from kvcache.cachenode.memory_tier import MemoryTier
 from kvcache.cachenode.server import ZmqFront
 from kvcache.cachenode.stats import NodeCollector, NodeStats
+from kvcache.core.allocator import retain_freed_buffers
 from kvcache.core.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CacheNode:
         return self.stats.snapshot(self.config.node_id, self.tier)
 
     async def run(self, stop: asyncio.Event) -> None:
-        context = zmq.asyncio.Context()
+        context = zmq.Context()
         front = ZmqFront(context, self.config.address, self.handler)
         app = create_admin_app(
             NodeCollector(self.config.node_id, self.stats, self.tier),
@@ -71,8 +72,10 @@ class CacheNode:
         context.term()
 
 
-def run_node(config: NodeConfig) -> None:
+def run_node(config: NodeConfig, log_level: str = "INFO") -> None:
     """Run a node in this process until SIGTERM or SIGINT."""
+
+    retain_freed_buffers(config.limits.max_message_part, config.retain_freed_bytes)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -81,5 +84,5 @@ def run_node(config: NodeConfig) -> None:
             loop.add_signal_handler(signum, stop.set)
         await CacheNode(config).run(stop)
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=log_level, stream=sys.stderr, format="%(asctime)s %(message)s")
     asyncio.run(main())

@@ -16,13 +16,14 @@ import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
 
 from kvcache.client.transport import NodeConnection
 from kvcache.client.value import Value
+from kvcache.core.allocator import retain_freed_buffers
 from kvcache.core.checksum import checksum
 from kvcache.core.config import ClientConfig
 from kvcache.core.errors import ProtocolError
@@ -57,7 +58,10 @@ class _Call:
     node_id: str
     request: Request
     positions: list[int]
-    payload: list[Any] = field(default_factory=list)
+    # PUT only: values and their metas, checksummed and split just before the request is sent,
+    # so hashing one request overlaps with libzmq sending the previous ones.
+    values: list[tuple[memoryview, dict[str, Any]]] = field(default_factory=list)
+    parts: list[Any] | None = None  # built once, kept while the node cannot take them yet
     reply: Reply | None = None
     frames: list[zmq.Frame] = field(default_factory=list)
     sent_at: float = 0.0
@@ -66,6 +70,7 @@ class _Call:
 class ClusterClient:
     def __init__(self, members: Sequence[Member], config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig()
+        retain_freed_buffers(self.config.limits.max_frame_bytes, self.config.retain_freed_bytes)
         self.ring = HashRing(members)
         self.stats = ClientStats()
         self._context = zmq.Context()
@@ -75,6 +80,7 @@ class ClusterClient:
         }
         self._down_until: dict[str, float] = {}
         self._ids = itertools.count(1)
+        self._typical_value_bytes = 256 << 10  # sizes GET requests; follows what GETs return
 
     def close(self) -> None:
         for connection in self._connections.values():
@@ -107,24 +113,21 @@ class ClusterClient:
                     f"value {index} is {view.nbytes} bytes, limit {limits.max_value_bytes}"
                 )
         calls = []
-        for node_id, positions in self._group_by_owner(keys).items():
+        for node_id, positions in self.ring.group_by_primary(keys).items():
             for batch in self._put_batches(positions, views):
-                infos, payload = [], []
-                for position in batch:
-                    view = views[position]
-                    frames = self._split(view)
-                    meta = metas[position] if metas is not None else {}
-                    infos.append(ValueInfo(view.nbytes, len(frames), checksum([view]), meta))
-                    payload.extend(frames)
-                request = Request(Op.PUT, next(self._ids), [keys[p] for p in batch], values=infos)
-                calls.append(_Call(node_id, request, batch, payload))
+                request = Request(Op.PUT, next(self._ids), [keys[p] for p in batch])
+                values = [(views[p], metas[p] if metas is not None else {}) for p in batch]
+                calls.append(_Call(node_id, request, batch, values))
         self._execute(calls)
         return self._flags(calls, len(keys))
 
     def get(self, keys: Sequence[bytes]) -> list[Value | None]:
         """Values for keys, verified against their checksums; None for every miss."""
         self._check_keys(keys)
-        calls = self._keyed_calls(Op.GET, keys, self.config.get_batch_keys)
+        batch_keys = self.config.get_batch_bytes // self._typical_value_bytes
+        calls = self._keyed_calls(
+            Op.GET, keys, min(max(1, batch_keys), self.config.limits.max_keys)
+        )
         self._execute(calls)
         found: list[Value | None] = [None] * len(keys)
         for call in calls:
@@ -139,6 +142,11 @@ class ClusterClient:
                     self.stats.checksum_mismatches += 1
                     continue
                 found[position] = Value(buffers, info.size, info.meta)
+        sizes = [value.size for value in found if value is not None]
+        if sizes:
+            self._typical_value_bytes = max(
+                1, (self._typical_value_bytes + sum(sizes) // len(sizes)) // 2
+            )
         return found
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -180,17 +188,9 @@ class ClusterClient:
             if not isinstance(key, bytes) or len(key) != KEY_BYTES:
                 raise ValueError(f"key {index} must be {KEY_BYTES} bytes")
 
-    def _group_by_owner(self, keys: Sequence[bytes]) -> dict[str, list[int]]:
-        groups: dict[str, list[int]] = {}
-        for position, key in enumerate(keys):
-            owner = self.ring.primary(key)
-            if owner is not None:
-                groups.setdefault(owner.node_id, []).append(position)
-        return groups
-
     def _keyed_calls(self, op: Op, keys: Sequence[bytes], batch_keys: int) -> list[_Call]:
         calls = []
-        for node_id, positions in self._group_by_owner(keys).items():
+        for node_id, positions in self.ring.group_by_primary(keys).items():
             for start in range(0, len(positions), batch_keys):
                 batch = positions[start : start + batch_keys]
                 request = Request(op, next(self._ids), [keys[p] for p in batch])
@@ -212,6 +212,17 @@ class ClusterClient:
             batch_bytes += size
         if batch:
             yield batch
+
+    def _parts(self, call: _Call) -> list[Any]:
+        """The message parts of a call: its header, then (PUT) every value's frames."""
+        if call.request.op is not Op.PUT:
+            return [call.request.encode()]
+        infos, payload = [], []
+        for view, meta in call.values:
+            frames = self._split(view)
+            infos.append(ValueInfo(view.nbytes, len(frames), checksum([view]), meta))
+            payload.extend(frames)
+        return [replace(call.request, values=infos).encode(), *payload]
 
     def _split(self, view: memoryview) -> list[memoryview]:
         step = self.config.frame_bytes
@@ -282,12 +293,15 @@ class ClusterClient:
         connection = self._connections[node_id]
         while queue and len(flight) < self.config.window:
             call = queue[0]
-            if not connection.try_send([call.request.encode(), *call.payload]):
+            if call.parts is None:
+                call.parts = self._parts(call)
+            if not connection.try_send(call.parts):
                 if node_id not in blocked_since:
                     blocked_since[node_id] = now
                     poller.register(connection.socket, zmq.POLLIN | zmq.POLLOUT)
                 return
             queue.popleft()
+            call.parts = None
             call.sent_at = now
             flight[call.request.id] = call
         if blocked_since.pop(node_id, None) is not None:

@@ -52,6 +52,8 @@ class NodeConfig:
     port: int = 7400
     admin_port: int = 7401
     memory_bytes: int = 1 << 30
+    # Freed buffers kept for the next PUT's parts (see kvcache.core.allocator).
+    retain_freed_bytes: int = 1 << 30
     limits: Limits = DEFAULT_LIMITS
 
     @property
@@ -64,14 +66,18 @@ class ClientConfig:
     """How a cluster client batches, pipelines and gives up on requests.
 
     `frame_bytes` splits values so no libzmq message part exceeds ~2 MiB (larger parts each get a
-    fresh, page-faulting allocation); `put_batch_bytes` and `get_batch_keys` size one request;
-    `window` requests per node are in flight at once so acknowledgements never stall the pipe.
+    fresh, page-faulting allocation); `put_batch_bytes` and `get_batch_bytes` size one request
+    (a GET reply's size is estimated from the values seen so far); small requests keep a reply's
+    frames in cache while its checksums are verified. `window` requests per node are in flight at
+    once so acknowledgements never stall the pipe.
     """
 
     timeout_s: float = 2.0
     frame_bytes: int = 2 << 20
     put_batch_bytes: int = 8 << 20
-    get_batch_keys: int = 8
+    get_batch_bytes: int = 4 << 20
     window: int = 4
     down_backoff_s: float = 1.0
+    # Freed receive buffers this process keeps for the next GET (see kvcache.core.allocator).
+    retain_freed_bytes: int = 256 << 20
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)

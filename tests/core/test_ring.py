@@ -227,3 +227,17 @@ def test_tiny_weight_still_gets_a_vnode():
 def test_vnodes_per_weight_must_be_positive():
     with pytest.raises(ValueError):
         HashRing([Member("a", "tcp://h:7000")], vnodes_per_weight=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=2**32))
+def test_group_by_primary_agrees_with_primary(node_count, seed):
+    ring = HashRing([Member(f"node-{seed}-{i}", "tcp://h:1") for i in range(node_count)])
+    keys = [hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=32).digest() for i in range(2000)]
+    keys += [b"", b"short"]  # shorter than 8 bytes: hashed first, like primary()
+    groups = ring.group_by_primary(keys)
+    expected: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        expected.setdefault(ring.primary(key).node_id, []).append(index)
+    assert groups == expected
+    assert HashRing([]).group_by_primary(keys) == {}
