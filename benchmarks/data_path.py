@@ -1,6 +1,6 @@
 """Data-path throughput: kvcache nodes vs Redis vs the loopback ceiling, measured in one run.
 
-    python benchmarks/data_path.py [--nodes 3] [--seconds 2] [--out FILE.json]
+    python benchmarks/data_path.py [--nodes 3] [--seconds 2] [--repeats 3] [--out FILE.json]
 
 For each value size (256 KiB, 2 MiB, 32 MiB) and 1 and 4 concurrent client processes it measures
 PUT and GET throughput in GB/s of payload:
@@ -10,7 +10,9 @@ PUT and GET throughput in GB/s of payload:
 - the loopback ceiling: one process `sendall`s 32 MiB buffers, another `recv_into`s a reused one.
 Both stores are written once before a PUT is timed, so timed PUTs overwrite: the steady state of a
 full cache, where memory is recycled rather than faulted in. It also times `lookup_prefix` of 512
-keys over the nodes. Prints a table and writes the records read back by docs/benchmarks.md.
+keys over the nodes. Each figure is the median of several runs taken back to back with the peer's;
+the ceiling is the median of one measurement before each size and one at the end. Prints a table
+and writes the records read back by docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -217,22 +219,33 @@ class RedisServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def measure_throughput(members: list[Member], redis_port: int, seconds: float) -> list[dict]:
-    records = []
+def measure_throughput(
+    members: list[Member], redis_port: int, seconds: float, repeats: int
+) -> tuple[list[dict], list[float]]:
+    """Every (size, clients, op) figure for both systems, each the median of `repeats` runs
+    taken back to back with the peer's, and a loopback ceiling before each size."""
+    records, ceilings = [], []
     for size in SIZES:
+        ceilings.append(measure_ceiling(seconds))
+        print(f"loopback ceiling: {ceilings[-1]:.2f} GB/s", flush=True)
         for clients in CLIENTS:
             for op in ("put", "get"):
-                for system in ("kvcache", "redis"):
-                    jobs = [
-                        Job(system, op, size, index, seconds, tuple(members), redis_port)
-                        for index in range(clients)
-                    ]
-                    gbps = measure(jobs)
+                runs: dict[str, list[float]] = {"kvcache": [], "redis": []}
+                for _ in range(repeats):
+                    for system, figures in runs.items():
+                        jobs = [
+                            Job(system, op, size, index, seconds, tuple(members), redis_port)
+                            for index in range(clients)
+                        ]
+                        figures.append(measure(jobs))
+                for system, figures in runs.items():
+                    gbps = statistics.median(figures)
                     records.append({"system": system, "op": op, "value_bytes": size,
                                     "clients": clients, "gbps": round(gbps, 3)})  # fmt: skip
-                    print(f"{system:8s} {op:3s} {_size_label(size):>7s} x{clients}: "
-                          f"{gbps:.2f} GB/s", flush=True)  # fmt: skip
-    return records
+                    each = ", ".join(f"{figure:.2f}" for figure in figures)
+                    label = f"{system:8s} {op:3s} {_size_label(size):>7s} x{clients}"
+                    print(f"{label}: {gbps:.2f} GB/s  (runs: {each})", flush=True)
+    return records, ceilings
 
 
 def _size_label(size: int) -> str:
@@ -242,25 +255,25 @@ def _size_label(size: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per figure")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median taken)")
     parser.add_argument("--out", default="benchmarks/results/data_path.json")
     args = parser.parse_args()
 
-    records: list[dict] = []
-    ceilings = [measure_ceiling(args.seconds)]
-    print(f"loopback ceiling: {ceilings[0]:.2f} GB/s", flush=True)
     redis_server = RedisServer()
     memory = 4 * WORKING_SET_BYTES * max(CLIENTS) // args.nodes + 256 * MiB
     try:
         with LocalCluster.start(args.nodes, memory) as cluster:
             p50, p99 = measure_lookup(cluster.members)
             print(f"lookup_prefix 512 keys, {args.nodes} nodes: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
-            records += measure_throughput(cluster.members, redis_server.port, args.seconds)
+            records, ceilings = measure_throughput(
+                cluster.members, redis_server.port, args.seconds, args.repeats
+            )
     finally:
         redis_server.stop()
     ceilings.append(measure_ceiling(args.seconds))
-    ceiling = max(ceilings)
-    print(f"loopback ceiling again: {ceilings[1]:.2f} GB/s (ratios use the best: {ceiling:.2f})")
+    ceiling = statistics.median(ceilings)
+    print(f"loopback ceilings: {', '.join(f'{c:.2f}' for c in ceilings)}; median {ceiling:.2f}")
     records.insert(0, {"system": "loopback", "op": "put", "value_bytes": CEILING_BYTES,
                        "clients": 1, "gbps": round(ceiling, 3)})  # fmt: skip
     records.append({"system": "kvcache", "op": "lookup_prefix", "keys": 512,

@@ -63,7 +63,7 @@ class _Call:
     values: list[tuple[memoryview, dict[str, Any]]] = field(default_factory=list)
     parts: list[Any] | None = None  # built once, kept while the node cannot take them yet
     reply: Reply | None = None
-    frames: list[zmq.Frame] = field(default_factory=list)
+    found: list[Value | None] = field(default_factory=list)  # GET: verified as replies arrive
     sent_at: float = 0.0
 
 
@@ -131,17 +131,8 @@ class ClusterClient:
         self._execute(calls)
         found: list[Value | None] = [None] * len(keys)
         for call in calls:
-            if call.reply is None:
-                continue
-            frames = iter(call.frames)
-            for position, info in zip(call.positions, call.reply.values):
-                if info is None:
-                    continue
-                buffers = tuple(next(frames).buffer for _ in range(info.frames))
-                if checksum(buffers) != info.checksum:
-                    self.stats.checksum_mismatches += 1
-                    continue
-                found[position] = Value(buffers, info.size, info.meta)
+            for position, value in zip(call.positions, call.found):
+                found[position] = value
         sizes = [value.size for value in found if value is not None]
         if sizes:
             self._typical_value_bytes = max(
@@ -332,7 +323,26 @@ class ClusterClient:
             if not reply.ok:
                 self.stats.node_errors[str(reply.code)] += 1
                 continue
-            call.reply, call.frames = reply, payload
+            call.reply = reply
+            if call.request.op is Op.GET:
+                call.found = self._verified(reply, payload)
+
+    def _verified(self, reply: Reply, payload: list[zmq.Frame]) -> list[Value | None]:
+        """A GET reply's values, checked against their checksums right as the reply arrives,
+        while its frames are still in cache and the next replies are still on the wire."""
+        found: list[Value | None] = []
+        frames = iter(payload)
+        for info in reply.values:
+            if info is None:
+                found.append(None)
+                continue
+            buffers = tuple(next(frames).buffer for _ in range(info.frames))
+            if checksum(buffers) != info.checksum:
+                self.stats.checksum_mismatches += 1
+                found.append(None)
+                continue
+            found.append(Value(buffers, info.size, info.meta))
+        return found
 
     def _fail_node(self, node_id: str, poller: zmq.Poller) -> None:
         """A node that timed out: forget what is queued to it and skip it for a while."""
