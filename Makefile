@@ -1,5 +1,6 @@
 # Two entry points for a newcomer (README.md): `make demo` and `make test`.
-# Both create .venv on first use; system packages come from scripts/system-deps.
+# Both create .venv on first use; `make bench` also installs the Debian packages benchmarks start
+# as peers (scripts/system-deps: redis-server).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -7,9 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench setup
 
 $(STAMP): pyproject.toml
-	scripts/system-deps
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -22,4 +21,5 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	scripts/system-deps
 	$(PY) benchmarks/data_path.py

@@ -130,6 +130,34 @@ def test_a_killed_node_turns_into_misses(start_cluster):
         assert client.stats.timeouts >= 1 and client.stats.skipped_down >= 1
 
 
+def test_a_node_killed_during_a_stream_of_requests_never_raises_or_returns_wrong_bytes(
+    start_cluster,
+):
+    cluster = start_cluster(3, memory_bytes=256 << 20)
+    keys = make_keys(48, "stream")
+    values = [os.urandom(1 << 20) for _ in keys]
+    config = ClientConfig(timeout_s=0.5, down_backoff_s=0.2)
+    with ClusterClient(cluster.members, config) as client:
+        assert all(client.put(keys, values))
+        killer = threading.Timer(0.3, cluster.nodes[1].kill)
+        killer.start()
+        deadline = time.monotonic() + 1.5
+        rounds = 0
+        while time.monotonic() < deadline:
+            for value, found in zip(values, client.get(keys)):
+                assert found is None or bytes(found) == value
+            client.put(keys[:8], values[:8])
+            rounds += 1
+        killer.join()
+        assert cluster.nodes[1].process.poll() is not None
+        assert rounds > 3
+        victim = cluster.nodes[1].node_id
+        after = client.get(keys)
+        for key, value, found in zip(keys, values, after):
+            on_victim = client.ring.primary(key).node_id == victim
+            assert (found is None) if on_victim else (bytes(found) == value)
+
+
 def test_bad_arguments_raise_before_anything_is_sent(start_cluster):
     cluster = start_cluster(1)
     with ClusterClient(cluster.members) as client:
