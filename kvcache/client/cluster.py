@@ -175,9 +175,10 @@ class ClusterClient:
     # ---- request building -----------------------------------------------------------------
 
     def _check_keys(self, keys: Sequence[bytes]) -> None:
-        for index, key in enumerate(keys):
-            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-                raise ValueError(f"key {index} must be {KEY_BYTES} bytes")
+        if all(type(key) is bytes and len(key) == KEY_BYTES for key in keys):
+            return
+        bad = next(i for i, k in enumerate(keys) if type(k) is not bytes or len(k) != KEY_BYTES)
+        raise ValueError(f"key {bad} must be {KEY_BYTES} bytes")
 
     def _keyed_calls(self, op: Op, keys: Sequence[bytes], batch_keys: int) -> list[_Call]:
         calls = []

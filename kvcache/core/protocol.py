@@ -35,6 +35,7 @@ class Op(enum.StrEnum):
 
 
 KEYED_OPS = frozenset({Op.PUT, Op.GET, Op.CONTAINS, Op.DELETE})
+_OPS_BY_NAME = {str(op): op for op in Op}  # a dict lookup per request, not an Enum call
 
 
 @dataclass(frozen=True)
@@ -271,10 +272,10 @@ def parse_request(
     """Validate a request completely before the node acts on any part of it."""
     decoded = decode_header(header, limits)
     message_id = _message_id(decoded)
-    try:
-        op = Op(decoded.get("op"))
-    except ValueError:
-        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {decoded.get('op')!r}") from None
+    name = decoded.get("op")
+    op = _OPS_BY_NAME.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}")
     if op not in KEYED_OPS:
         if frame_sizes:
             raise ProtocolError(ErrorCode.FRAME_MISMATCH, f"{op} carries no payload frames")
