@@ -40,7 +40,7 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZES = [256 * KiB, 2 * MiB, 32 * MiB]
 CLIENTS = [1, 4]
 WORKING_SET_BYTES = 256 * MiB  # per client
-CALL_BYTES = 128 * MiB  # payload per kvcache put/get call: a 2K-token prefix of an 8B model
+CALL_BYTES = 256 * MiB  # per kvcache put/get call: a 2K-token prefix of Llama-3-8B (fp16)
 CEILING_BYTES = 32 * MiB
 
 
