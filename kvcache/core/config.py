@@ -76,7 +76,7 @@ class ClientConfig:
     frame_bytes: int = 2 << 20
     put_batch_bytes: int = 8 << 20
     get_batch_bytes: int = 4 << 20
-    window: int = 4
+    window: int = 2
     down_backoff_s: float = 1.0
     # Freed receive buffers this process keeps for the next GET (see kvcache.core.allocator).
     retain_freed_bytes: int = 256 << 20
