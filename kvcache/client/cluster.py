@@ -33,6 +33,7 @@ from kvcache.core.protocol import (
     Reply,
     Request,
     ValueInfo,
+    check_meta,
     decode_header,
     frames_needed,
     parse_reply,
@@ -106,18 +107,23 @@ class ClusterClient:
             raise ValueError("put needs one value (and one meta, if given) per key")
         self._check_keys(keys)
         views = [memoryview(value).cast("B") for value in values]
+        metas = metas if metas is not None else [{} for _ in keys]
         limits = self.config.limits
-        for index, view in enumerate(views):
+        for index, (view, meta) in enumerate(zip(views, metas)):
             if view.nbytes > limits.max_value_bytes:
                 raise ValueError(
                     f"value {index} is {view.nbytes} bytes, limit {limits.max_value_bytes}"
                 )
+            try:
+                check_meta(meta, limits, f"value {index}")
+            except ProtocolError as error:
+                raise ValueError(error.message) from None
         calls = []
         for node_id, positions in self.ring.group_by_primary(keys).items():
             for batch in self._put_batches(positions, views):
                 request = Request(Op.PUT, next(self._ids), [keys[p] for p in batch])
-                values = [(views[p], metas[p] if metas is not None else {}) for p in batch]
-                calls.append(_Call(node_id, request, batch, values))
+                batch_values = [(views[p], metas[p]) for p in batch]
+                calls.append(_Call(node_id, request, batch, batch_values))
         self._execute(calls)
         return self._flags(calls, len(keys))
 

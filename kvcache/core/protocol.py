@@ -201,6 +201,20 @@ def _keys(header: dict[str, Any], limits: Limits) -> list[bytes]:
     return keys
 
 
+def check_meta(meta: Any, limits: Limits, where: str = "meta") -> None:
+    """A value's metadata must be a small map: it rides in every GET reply's header."""
+    if not isinstance(meta, dict) or len(meta) > limits.max_meta_entries:
+        raise ProtocolError(
+            ErrorCode.MALFORMED_HEADER,
+            f"{where}: meta must be a map of at most {limits.max_meta_entries} entries",
+        )
+    if meta and len(msgpack.packb(meta, use_bin_type=True)) > limits.max_meta_bytes:
+        raise ProtocolError(
+            ErrorCode.MALFORMED_HEADER,
+            f"{where}: meta is over {limits.max_meta_bytes} bytes packed",
+        )
+
+
 def _value_info(raw: Any, index: int, limits: Limits) -> ValueInfo:
     if not isinstance(raw, list) or len(raw) != 4:
         raise ProtocolError(
@@ -228,16 +242,7 @@ def _value_info(raw: Any, index: int, limits: Limits) -> ValueInfo:
         raise ProtocolError(
             ErrorCode.MALFORMED_HEADER, f"value {index}: checksum must be an unsigned 64-bit int"
         )
-    if not isinstance(meta, dict) or len(meta) > limits.max_meta_entries:
-        raise ProtocolError(
-            ErrorCode.MALFORMED_HEADER,
-            f"value {index}: meta must be a map of at most {limits.max_meta_entries} entries",
-        )
-    if meta and len(msgpack.packb(meta, use_bin_type=True)) > limits.max_meta_bytes:
-        raise ProtocolError(
-            ErrorCode.MALFORMED_HEADER,
-            f"value {index}: meta is over {limits.max_meta_bytes} bytes packed",
-        )
+    check_meta(meta, limits, f"value {index}")
     return ValueInfo(size=size, frames=frames, checksum=checksum, meta=meta)
 
 

@@ -167,6 +167,10 @@ def test_bad_arguments_raise_before_anything_is_sent(start_cluster):
             client.put(make_keys(1), [bytes(client.config.limits.max_value_bytes + 1)])
         with pytest.raises(ValueError, match="one value"):
             client.put(make_keys(2), [b"a"])
+        with pytest.raises(ValueError, match="meta is over"):
+            client.put(make_keys(1), [b"a"], [{"note": "x" * 200}])
+        with pytest.raises(ValueError, match="meta must be a map"):
+            client.put(make_keys(1), [b"a"], [["not", "a", "map"]])
         (stats,) = client.node_stats().values()
         assert stats["requests"] == {"STATS": 1}
 
