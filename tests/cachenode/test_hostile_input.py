@@ -16,6 +16,7 @@ import httpx
 import msgpack
 import pytest
 import zmq
+from sample_keys import make_keys
 
 from kvcache.cachenode.launcher import LocalCluster, NodeProcess
 from kvcache.client.cluster import ClusterClient
@@ -29,10 +30,6 @@ KEY = hashlib.blake2b(b"hostile", digest_size=32).digest()
 DROPPED = None  # libzmq refuses the message (a part over ZMQ_MAXMSGSIZE): no reply is possible
 REPLY_TIMEOUT_MS = 5000
 DROP_WAIT_MS = 1000
-
-
-def make_keys(count: int, label: str = "k") -> list[bytes]:
-    return [hashlib.blake2b(f"{label}{i}".encode(), digest_size=32).digest() for i in range(count)]
 
 
 def pack(obj) -> bytes:

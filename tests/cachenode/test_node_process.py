@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ import msgpack
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from sample_keys import make_keys
 
 from kvcache.cachenode.launcher import NodeProcess, free_port
 from kvcache.cachenode.memory_tier import ENTRY_OVERHEAD_BYTES, FRAME_OVERHEAD_BYTES
@@ -36,10 +36,6 @@ STATS_FIELDS = {
     "memory_budget_bytes",
     "evictions",
 }
-
-
-def make_keys(count: int, label: str = "k") -> list[bytes]:
-    return [hashlib.blake2b(f"{label}{i}".encode(), digest_size=32).digest() for i in range(count)]
 
 
 def admin_get(node: NodeProcess, path: str) -> httpx.Response:

@@ -3,7 +3,6 @@ and nodes that answer with wrong bytes or garbage."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -11,17 +10,13 @@ import time
 import msgpack
 import pytest
 import zmq
+from sample_keys import make_keys
 
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.config import ClientConfig
 from kvcache.core.keys import Namespace, chunk_keys
 from kvcache.core.protocol import PROTOCOL_VERSION, decode_header
 from kvcache.core.ring import Member
-
-
-def make_keys(count: int, label: str = "k") -> list[bytes]:
-    return [hashlib.blake2b(f"{label}{i}".encode(), digest_size=32).digest() for i in range(count)]
-
 
 SIZES = [0, 1, 100, 65535, 65536, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (5 << 20) + 3]
 

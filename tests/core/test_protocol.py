@@ -9,6 +9,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sample_keys import make_keys
 
 from kvcache.core.errors import ErrorCode, ProtocolError
 from kvcache.core.protocol import (
@@ -32,10 +33,6 @@ from kvcache.core.protocol import (
 MiB = 1 << 20
 FRAME = DEFAULT_LIMITS.max_frame_bytes
 KEY = hashlib.blake2b(b"key", digest_size=32).digest()
-
-
-def make_keys(count: int) -> list[bytes]:
-    return [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).digest() for i in range(count)]
 
 
 def pack(obj) -> bytes:
