@@ -338,12 +338,13 @@ class ClusterClient:
         """A GET reply's values, checked against their checksums right as the reply arrives,
         while its frames are still in cache and the next replies are still on the wire."""
         found: list[Value | None] = []
-        frames = iter(payload)
+        position = 0
         for info in reply.values:
             if info is None:
                 found.append(None)
                 continue
-            buffers = tuple(next(frames).buffer for _ in range(info.frames))
+            buffers = tuple(frame.buffer for frame in payload[position : position + info.frames])
+            position += info.frames
             if checksum(buffers) != info.checksum:
                 self.stats.checksum_mismatches += 1
                 found.append(None)

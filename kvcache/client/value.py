@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Value:
     """Verified bytes of one chunk as a sequence of frames: reading it costs no copy until the
     caller asks for one (`bytes(value)`, or `readinto` straight into its own buffer)."""
