@@ -101,14 +101,18 @@ class RequestHandler:
         return stored
 
     def _get(self, request: Request) -> tuple[Reply, list[Any]]:
+        """Found values, up to max_request_bytes in one reply: keys beyond that are answered as
+        misses, so one GET of thousands of large keys cannot tie up the node's sending."""
         values: list[ValueInfo | None] = []
         frames: list[Any] = []
+        budget = self.limits.max_request_bytes
         for key in request.keys:
             value = self.tier.get(key)
-            if value is None:
+            if value is None or value.info.size > budget:
                 self.stats.misses += 1
                 values.append(None)
                 continue
+            budget -= value.info.size
             self.stats.hits += 1
             self.stats.bytes_sent += value.info.size
             values.append(value.info)
