@@ -42,6 +42,3 @@ class LRUPolicy:
 
     def victim(self) -> bytes | None:
         return next(iter(self._order), None)
-
-
-POLICIES = {"lru": LRUPolicy}

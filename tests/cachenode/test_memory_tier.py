@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.cachenode.eviction import POLICIES, LRUPolicy
+from kvcache.cachenode.eviction import LRUPolicy
 from kvcache.cachenode.memory_tier import (
     ENTRY_OVERHEAD_BYTES,
     FRAME_OVERHEAD_BYTES,
@@ -217,8 +217,7 @@ def test_lru_policy_ignores_keys_it_does_not_track():
     assert policy.victim() is None
 
 
-def test_lru_is_the_registered_default_policy():
-    assert POLICIES["lru"] is LRUPolicy
+def test_lru_is_the_default_policy():
     assert isinstance(MemoryTier(1)._policy, LRUPolicy)
 
 
