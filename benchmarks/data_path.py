@@ -68,25 +68,32 @@ def _batches(keys: list[bytes], value_bytes: int) -> list[list[bytes]]:
     return [keys[i : i + per_call] for i in range(0, len(keys), per_call)]
 
 
+def _timed_passes(one_pass, seconds: float, ready, go) -> tuple[int, float, float]:
+    """After one untimed pass (buffers warm on both sides), repeat `one_pass` (which returns the
+    payload bytes it moved) for `seconds` once every client is ready."""
+    one_pass()
+    ready.wait()
+    go.wait()
+    moved, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        moved += one_pass()
+    return moved, started, time.perf_counter()
+
+
 def _run_kvcache(job: Job, value: bytes, keys: list[bytes], ready, go) -> tuple[int, float, float]:
     with ClusterClient(list(job.members)) as client:
         batches = _batches(keys, job.value_bytes)
         for batch in batches:  # fill the store: timed PUTs overwrite, timed GETs hit
             assert all(client.put(batch, [value] * len(batch)))
-        for batch in batches:  # one untimed pass of the timed op: buffers warm on both sides
-            client.put(batch, [value] * len(batch)) if job.op == "put" else client.get(batch)
-        ready.wait()
-        go.wait()
-        moved, started = 0, time.perf_counter()
-        while time.perf_counter() - started < job.seconds:
-            for batch in batches:
-                if job.op == "put":
-                    stored = client.put(batch, [value] * len(batch))
-                    moved += job.value_bytes * sum(stored)
-                else:
-                    found = client.get(batch)
-                    moved += sum(len(v) for v in found if v is not None)
-        return moved, started, time.perf_counter()
+
+        def one_pass() -> int:
+            if job.op == "put":
+                stored = (client.put(batch, [value] * len(batch)) for batch in batches)
+                return job.value_bytes * sum(sum(flags) for flags in stored)
+            found = (client.get(batch) for batch in batches)
+            return sum(len(v) for values in found for v in values if v is not None)
+
+        return _timed_passes(one_pass, job.seconds, ready, go)
 
 
 def _run_redis(job: Job, value: bytes, keys: list[bytes], ready, go) -> tuple[int, float, float]:
@@ -95,20 +102,18 @@ def _run_redis(job: Job, value: bytes, keys: list[bytes], ready, go) -> tuple[in
     client = redis.Redis(host="127.0.0.1", port=job.redis_port)
     for key in keys:
         client.set(key, value)
-    for key in keys:  # one untimed pass of the timed op, as for kvcache
-        client.set(key, value) if job.op == "put" else client.get(key)
-    ready.wait()
-    go.wait()
-    moved, started = 0, time.perf_counter()
-    while time.perf_counter() - started < job.seconds:
-        for key in keys:
-            if job.op == "put":
+
+    def one_pass() -> int:
+        if job.op == "put":
+            for key in keys:
                 client.set(key, value)
-                moved += job.value_bytes
-            else:
-                moved += len(client.get(key))
-    client.close()
-    return moved, started, time.perf_counter()
+            return job.value_bytes * len(keys)
+        return sum(len(client.get(key)) for key in keys)
+
+    try:
+        return _timed_passes(one_pass, job.seconds, ready, go)
+    finally:
+        client.close()
 
 
 def _client_process(job: Job, ready, go, results) -> None:

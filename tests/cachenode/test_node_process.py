@@ -198,23 +198,15 @@ def test_signal_stops_the_node_gracefully_with_exit_code_0(start_cluster, signum
         client.close()
 
 
-def test_a_node_whose_data_port_is_taken_exits_non_zero_instead_of_half_serving():
+@pytest.mark.parametrize("taken", ["data", "admin"])
+def test_a_node_whose_port_is_taken_exits_non_zero_instead_of_half_serving(taken):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        node = NodeProcess("busy-data", busy.getsockname()[1], free_port(), 1 * MiB)
-        node.start()
-        try:
-            assert node.process.wait(timeout=20) != 0
-        finally:
-            node.kill()
-
-
-def test_a_node_whose_admin_port_is_taken_exits_non_zero_instead_of_half_serving():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        node = NodeProcess("busy-admin", free_port(), busy.getsockname()[1], 1 * MiB)
+        busy_port = busy.getsockname()[1]
+        data_port = busy_port if taken == "data" else free_port()
+        admin_port = busy_port if taken == "admin" else free_port()
+        node = NodeProcess(f"busy-{taken}", data_port, admin_port, 1 * MiB)
         node.start()
         try:
             assert node.process.wait(timeout=20) != 0
