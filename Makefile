@@ -1,6 +1,6 @@
 # Two entry points for a newcomer (README.md): `make demo` and `make test`.
-# Both create .venv on first use; `make bench` also installs the Debian packages benchmarks start
-# as peers (scripts/system-deps: redis-server).
+# Both create .venv on first use; `make test` and `make bench` also install the Debian packages that
+# tests and benchmarks start as real servers (scripts/system-deps: etcd-server, redis-server).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvcache up
 
 test: $(STAMP)
+	scripts/system-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)

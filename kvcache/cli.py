@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 
-from kvcache.core.config import NodeConfig, parse_bytes
+from kvcache.core.config import EtcdConfig, NodeConfig, parse_bytes
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
 
 
 def _node(args: argparse.Namespace) -> None:
     from kvcache.cachenode.node import run_node
+    from kvcache.core.secrets import curve_server_keys, read_at_rest_key
 
-    config = NodeConfig(
-        node_id=args.node_id,
-        host=args.host,
-        port=args.port,
-        admin_port=args.admin_port,
-        memory_bytes=args.memory,
-    )
+    try:
+        config = NodeConfig(
+            node_id=args.node_id,
+            host=args.host,
+            port=args.port,
+            admin_port=args.admin_port,
+            memory_bytes=args.memory,
+            eviction=args.eviction,
+            disk_dir=args.disk_dir,
+            disk_bytes=args.disk,
+            at_rest_key=read_at_rest_key(args.at_rest_key_file),
+            curve=curve_server_keys(args.curve_key_file, args.curve_allowed_clients),
+            etcd=EtcdConfig(args.etcd, args.cluster, args.lease_ttl) if args.etcd else None,
+            zone=args.zone,
+            weight=args.weight,
+            advertise_address=args.advertise,
+        )
+        if config.etcd is not None:
+            config.etcd.host_port  # noqa: B018 - validates the endpoint before starting
+    except (OSError, ValueError) as error:
+        sys.exit(f"kvcache node: {error}")
     run_node(config, log_level=args.log_level)
 
 
@@ -38,6 +59,47 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--admin-port", type=int, default=7401, help="admin HTTP port")
     node.add_argument(
         "--memory", type=parse_bytes, default="1Gi", help="memory tier budget, e.g. 512Mi, 64Gi"
+    )
+    node.add_argument(
+        "--eviction",
+        default="prefix",
+        choices=["prefix", "lru"],
+        help="what a full tier gives up first: deep and cold chunks (prefix) or the oldest (lru)",
+    )
+    node.add_argument("--disk-dir", default=None, help="disk tier directory (default: none)")
+    node.add_argument("--disk", type=parse_bytes, default="0", help="disk tier budget, e.g. 100Gi")
+    node.add_argument(
+        "--at-rest-key-file",
+        default=_env("KVCACHE_AT_REST_KEY_FILE"),
+        help="file with a 64-hex-character AES-256-GCM key: encrypts the disk tier "
+        "(or KVCACHE_AT_REST_KEY)",
+    )
+    node.add_argument(
+        "--curve-key-file",
+        default=_env("KVCACHE_CURVE_KEY_FILE"),
+        help="CurveZMQ secret certificate of this node: encrypts and authenticates clients "
+        "(or KVCACHE_CURVE_PUBLIC_KEY and KVCACHE_CURVE_SECRET_KEY)",
+    )
+    node.add_argument(
+        "--curve-allowed-clients",
+        default=_env("KVCACHE_CURVE_ALLOWED_CLIENTS_DIR"),
+        help="directory of client public certificates let in (or KVCACHE_CURVE_ALLOWED_CLIENTS)",
+    )
+    node.add_argument(
+        "--etcd",
+        default=_env("KVCACHE_ETCD"),
+        help="etcd host:port to join (or KVCACHE_ETCD)",
+    )
+    node.add_argument(
+        "--cluster", default=_env("KVCACHE_CLUSTER", "default"), help="cluster name in etcd"
+    )
+    node.add_argument("--lease-ttl", type=int, default=5, help="etcd lease TTL in seconds")
+    node.add_argument("--zone", default=_env("KVCACHE_ZONE", ""), help="failure zone of this node")
+    node.add_argument("--weight", type=float, default=1.0, help="ring share relative to others")
+    node.add_argument(
+        "--advertise",
+        default=_env("KVCACHE_ADVERTISE"),
+        help="address clients connect to (default tcp://HOST:PORT)",
     )
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.set_defaults(run=_node)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -31,6 +32,7 @@ class NodeProcess:
     port: int
     admin_port: int
     memory_bytes: int
+    extra_args: tuple[str, ...] = ()  # further `kvcache node` flags: --disk-dir, --etcd, ...
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +51,7 @@ class NodeProcess:
             "--admin-port", str(self.admin_port),
             "--memory", str(self.memory_bytes),
             "--log-level", "WARNING",
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
@@ -89,10 +92,24 @@ class LocalCluster:
     nodes: list[NodeProcess] = field(default_factory=list)
 
     @classmethod
-    def start(cls, count: int, memory_bytes: int, name_prefix: str = "node") -> LocalCluster:
+    def start(
+        cls,
+        count: int,
+        memory_bytes: int,
+        name_prefix: str = "node",
+        extra_args: Callable[[int], Sequence[str]] | Sequence[str] = (),
+    ) -> LocalCluster:
+        """`extra_args` are flags for every node, or a function of the node's index giving each
+        node its own (a disk directory per node, say)."""
         cluster = cls(
             [
-                NodeProcess(f"{name_prefix}-{index}", free_port(), free_port(), memory_bytes)
+                NodeProcess(
+                    f"{name_prefix}-{index}",
+                    free_port(),
+                    free_port(),
+                    memory_bytes,
+                    tuple(extra_args(index) if callable(extra_args) else extra_args),
+                )
                 for index in range(count)
             ]
         )

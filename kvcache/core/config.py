@@ -44,8 +44,44 @@ def parse_bytes(quantity: str | int) -> int:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    """Where membership lives: one etcd endpoint ("host:port"), the cluster's name (its members
+    are under /kvcache/<cluster>/members/), and the lease TTL a dead node drops out within."""
+
+    endpoint: str
+    cluster: str = "default"
+    lease_ttl_s: int = 5
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint must be host:port, got {self.endpoint!r}")
+        return host, int(port)
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """CurveZMQ on a node: its key pair (Z85 text) and the client public keys it lets in
+    (None lets in any client that knows the server's public key)."""
+
+    public_key: bytes
+    secret_key: bytes
+    allowed_clients: frozenset[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """CurveZMQ on a client: the nodes' public key and the client's own key pair (Z85 text)."""
+
+    server_public_key: bytes
+    public_key: bytes
+    secret_key: bytes
+
+
+@dataclass(frozen=True)
 class NodeConfig:
-    """One cache node: where it listens and how much memory its tier may hold."""
+    """One cache node: where it listens, how much its tiers may hold, how it joins its cluster."""
 
     node_id: str
     host: str = "127.0.0.1"
@@ -55,10 +91,23 @@ class NodeConfig:
     # Freed buffers kept for the next PUT's parts (see kvcache.core.allocator).
     retain_freed_bytes: int = 1 << 30
     limits: Limits = DEFAULT_LIMITS
+    eviction: str = "prefix"  # "prefix" (deep and cold chunks first) or "lru"
+    disk_dir: str | None = None  # the disk tier's data directory; None: memory only
+    disk_bytes: int = 0  # the disk tier's byte budget
+    at_rest_key: bytes | None = None  # 32-byte AES-256-GCM key for the disk tier
+    curve: CurveServerKeys | None = None
+    etcd: EtcdConfig | None = None  # None: no registration (static member lists)
+    zone: str = ""
+    weight: float = 1.0  # share of the ring relative to the other members
+    advertise_address: str | None = None  # what clients connect to; default: `address`
 
     @property
     def address(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def public_address(self) -> str:
+        return self.advertise_address or self.address
 
 
 @dataclass(frozen=True)
@@ -81,3 +130,8 @@ class ClientConfig:
     # Freed receive buffers this process keeps for the next GET (see kvcache.core.allocator).
     retain_freed_bytes: int = 256 << 20
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    # Each key is stored on this many distinct nodes (distinct zones first).
+    replicas: int = 1
+    # A GET that finds a value past its first owner writes it back to the owners that missed.
+    read_repair: bool = True
+    curve: CurveClientKeys | None = None
