@@ -76,7 +76,9 @@ class ClusterClient:
         self.stats = ClientStats()
         self._context = zmq.Context()
         self._connections = {
-            member.node_id: NodeConnection(self._context, member.address, self.config.limits)
+            member.node_id: NodeConnection(
+                self._context, member.address, self.config.limits, self.config.curve
+            )
             for member in self.ring.members
         }
         self._down_until: dict[str, float] = {}

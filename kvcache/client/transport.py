@@ -13,14 +13,22 @@ from typing import Any
 
 import zmq
 
+from kvcache.core.config import CurveClientKeys
 from kvcache.core.protocol import Limits
 
 
 class NodeConnection:
-    def __init__(self, context: zmq.Context, address: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        address: str,
+        limits: Limits,
+        curve: CurveClientKeys | None = None,
+    ) -> None:
         self.address = address
         self._context = context
         self._limits = limits
+        self._curve = curve
         self.socket = self._open()
 
     def _open(self) -> zmq.Socket:
