@@ -1,24 +1,43 @@
-"""Shared fixtures: real cache node processes on loopback, always stopped after the test."""
+"""Shared fixtures: real cache node processes and a real etcd server on loopback, always stopped
+after the test (etcd after the session)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from kvcache.cachenode.launcher import LocalCluster
+from kvcache.local_etcd import LocalEtcd
+
+_cluster_names = itertools.count()
 
 
 @pytest.fixture
 def start_cluster() -> Iterator[Callable[..., LocalCluster]]:
-    """`start_cluster(count=3, memory_bytes=64 << 20)` starts node processes for this test."""
+    """`start_cluster(count=3, memory_bytes=64 << 20, extra_args=...)` starts node processes for
+    this test (`extra_args` as in `LocalCluster.start`)."""
     started: list[LocalCluster] = []
 
-    def start(count: int = 3, memory_bytes: int = 64 << 20) -> LocalCluster:
-        cluster = LocalCluster.start(count, memory_bytes)
+    def start(count: int = 3, memory_bytes: int = 64 << 20, **options) -> LocalCluster:
+        cluster = LocalCluster.start(count, memory_bytes, **options)
         started.append(cluster)
         return cluster
 
     yield start
     for cluster in started:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[LocalEtcd]:
+    """One real etcd for the session (Debian's etcd-server; `make test` installs it)."""
+    with LocalEtcd.start() as server:
+        yield server
+
+
+@pytest.fixture
+def cluster_name() -> str:
+    """A cluster name no other test uses, so tests share one etcd without seeing each other."""
+    return f"test-{next(_cluster_names)}"

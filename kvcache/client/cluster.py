@@ -4,6 +4,13 @@ A call groups its keys by owning node, cuts each group into requests (by bytes f
 count otherwise), and keeps up to `window` requests in flight per node, all nodes at once, from one
 thread with one poller: no thread per node, and acknowledgements never stall the pipe.
 
+The ring comes from a `MembershipSource` (a static list, or etcd watched in the background) and is
+picked up at the start of every call. With `replicas` R > 1 a PUT or DELETE goes to a key's R
+owners; a GET or CONTAINS asks the first owner and falls through to the next owners for the keys
+that missed or whose node failed. A GET that finds a value past the first owner writes it back to
+the owners that answered without it (read-repair): after a node joins, it is filled with exactly
+the chunks that are read again, and no bulk handoff competes with serving traffic.
+
 What the caller can rely on: a dead, slow or misbehaving node costs misses (False / None), never an
 exception; a value whose checksum does not match is a miss and a counter, never returned. Arguments
 that break the protocol (a key that is not 32 bytes, a value over the size limit) raise ValueError
@@ -15,18 +22,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
 
+from kvcache.client.membership import EtcdMembership, MembershipSource, StaticMembership
 from kvcache.client.transport import NodeConnection
 from kvcache.client.value import Value
 from kvcache.core.allocator import retain_freed_buffers
 from kvcache.core.checksum import checksum
-from kvcache.core.config import ClientConfig
+from kvcache.core.config import ClientConfig, EtcdConfig
 from kvcache.core.errors import ProtocolError
+from kvcache.core.membership import RingView
 from kvcache.core.protocol import (
     KEY_BYTES,
     Op,
@@ -49,6 +58,7 @@ class ClientStats:
     timeouts: int = 0
     skipped_down: int = 0
     bad_replies: int = 0
+    read_repairs: int = 0  # values written back to owners that missed them
     node_errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -69,26 +79,58 @@ class _Call:
 
 
 class ClusterClient:
-    def __init__(self, members: Sequence[Member], config: ClientConfig | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member] | MembershipSource,
+        config: ClientConfig | None = None,
+        owns_membership: bool = False,
+    ) -> None:
+        """`members` is a static member list or a membership source (closed with the client
+        when `owns_membership`)."""
         self.config = config or ClientConfig()
+        if self.config.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.config.replicas}")
         retain_freed_buffers(self.config.limits.max_frame_bytes, self.config.retain_freed_bytes)
-        self.ring = HashRing(members)
+        if isinstance(members, Sequence):
+            self._membership: MembershipSource = StaticMembership(members)
+            owns_membership = True
+        else:
+            self._membership = members
+        self._owns_membership = owns_membership
         self.stats = ClientStats()
         self._context = zmq.Context()
-        self._connections = {
-            member.node_id: NodeConnection(
-                self._context, member.address, self.config.limits, self.config.curve
-            )
-            for member in self.ring.members
-        }
+        self._view = RingView(-1, HashRing([]))
+        self._connections: dict[str, NodeConnection] = {}
         self._down_until: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._typical_value_bytes = 256 << 10  # sizes GET requests; follows what GETs return
+        self._sync_view()
+
+    @classmethod
+    def from_etcd(
+        cls, etcd: EtcdConfig, config: ClientConfig | None = None, wait_s: float = 10.0
+    ) -> ClusterClient:
+        """A client whose ring follows the members registered in etcd; waits up to `wait_s` for
+        the first member to appear (a client over an empty ring only misses)."""
+        membership = EtcdMembership(etcd)
+        membership.wait_for(lambda view: len(view.ring) > 0, wait_s)
+        return cls(membership, config, owns_membership=True)
+
+    @property
+    def ring(self) -> HashRing:
+        return self._view.ring
+
+    @property
+    def epoch(self) -> int:
+        """The membership epoch of the ring the last call used (the etcd revision; 0 static)."""
+        return self._view.epoch
 
     def close(self) -> None:
         for connection in self._connections.values():
             connection.close()
         self._context.term()
+        if self._owns_membership:
+            self._membership.close()
 
     def __enter__(self) -> ClusterClient:
         return self
@@ -120,27 +162,36 @@ class ClusterClient:
                 check_meta(meta, limits, f"value {index}")
             except ProtocolError as error:
                 raise ValueError(error.message) from None
-        calls = []
-        for node_id, positions in self.ring.group_by_primary(keys).items():
-            for batch in self._put_batches(positions, views):
-                request = Request(Op.PUT, next(self._ids), [keys[p] for p in batch])
-                batch_values = [(views[p], metas[p]) for p in batch]
-                calls.append(_Call(node_id, request, batch, batch_values))
+        self._sync_view()
+        calls = self._put_calls(keys, self._placement(keys), views, metas)
         self._execute(calls)
         return self._flags(calls, len(keys))
 
     def get(self, keys: Sequence[bytes]) -> list[Value | None]:
         """Values for keys, verified against their checksums; None for every miss."""
         self._check_keys(keys)
+        self._sync_view()
         batch_keys = self.config.get_batch_bytes // self._typical_value_bytes
-        calls = self._keyed_calls(
-            Op.GET, keys, min(max(1, batch_keys), self.config.limits.max_keys)
-        )
-        self._execute(calls)
+        batch_keys = min(max(1, batch_keys), self.config.limits.max_keys)
         found: list[Value | None] = [None] * len(keys)
-        for call in calls:
-            for position, value in zip(call.positions, call.found):
-                found[position] = value
+        missed_by: dict[int, list[str]] = {}  # position -> nodes that answered without it
+        pending = list(range(len(keys)))
+        for rank in range(self._replicas()):
+            calls = self._ranked_calls(Op.GET, keys, pending, rank, batch_keys)
+            self._execute(calls)
+            for call in calls:
+                if call.reply is None:
+                    continue
+                for position, value in zip(call.positions, call.found):
+                    if value is None:
+                        missed_by.setdefault(position, []).append(call.node_id)
+                    else:
+                        found[position] = value
+            pending = [position for position in pending if found[position] is None]
+            if not pending:
+                break
+        if self.config.read_repair and missed_by:
+            self._repair(keys, found, missed_by)
         sizes = [value.size for value in found if value is not None]
         if sizes:
             self._typical_value_bytes = max(
@@ -149,10 +200,23 @@ class ClusterClient:
         return found
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys are stored: first owners first, later owners for the keys that missed."""
         self._check_keys(keys)
-        calls = self._keyed_calls(Op.CONTAINS, keys, self.config.limits.max_keys)
-        self._execute(calls)
-        return self._flags(calls, len(keys))
+        self._sync_view()
+        present = [False] * len(keys)
+        pending = list(range(len(keys)))
+        batch_keys = self.config.limits.max_keys
+        for rank in range(self._replicas()):
+            calls = self._ranked_calls(Op.CONTAINS, keys, pending, rank, batch_keys)
+            self._execute(calls)
+            for call in calls:
+                if call.reply is not None:
+                    for position, flag in zip(call.positions, call.reply.flags):
+                        present[position] = present[position] or flag
+            pending = [position for position in pending if not present[position]]
+            if not pending:
+                break
+        return present
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys of a prefix chain are cached (one parallel CONTAINS round)."""
@@ -160,13 +224,21 @@ class ClusterClient:
         return next((index for index, hit in enumerate(present) if not hit), len(keys))
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        """Delete keys from all their owners; True where any owner held the key."""
         self._check_keys(keys)
-        calls = self._keyed_calls(Op.DELETE, keys, self.config.limits.max_keys)
+        self._sync_view()
+        calls = []
+        for node_id, positions in self._placement(keys).items():
+            for start in range(0, len(positions), self.config.limits.max_keys):
+                batch = positions[start : start + self.config.limits.max_keys]
+                request = Request(Op.DELETE, next(self._ids), [keys[p] for p in batch])
+                calls.append(_Call(node_id, request, batch))
         self._execute(calls)
         return self._flags(calls, len(keys))
 
     def node_stats(self) -> dict[str, dict[str, Any] | None]:
         """Each node's counters, None for a node that did not answer."""
+        self._sync_view()
         calls = [
             _Call(node_id, Request(Op.STATS, next(self._ids)), []) for node_id in self._connections
         ]
@@ -174,6 +246,7 @@ class ClusterClient:
         return {call.node_id: call.reply.stats if call.reply else None for call in calls}
 
     def ping(self) -> dict[str, bool]:
+        self._sync_view()
         calls = [
             _Call(node_id, Request(Op.PING, next(self._ids)), []) for node_id in self._connections
         ]
@@ -188,16 +261,107 @@ class ClusterClient:
         bad = next(i for i, k in enumerate(keys) if type(k) is not bytes or len(k) != KEY_BYTES)
         raise ValueError(f"key {bad} must be {KEY_BYTES} bytes")
 
-    def _keyed_calls(self, op: Op, keys: Sequence[bytes], batch_keys: int) -> list[_Call]:
+    def _sync_view(self) -> None:
+        """Adopt the membership source's newest ring: connect to new members, drop gone ones."""
+        view = self._membership.current()
+        if view is self._view:
+            return
+        members = {member.node_id: member for member in view.ring.members}
+        for node_id in list(self._connections):
+            member = members.get(node_id)
+            if member is None or member.address != self._connections[node_id].address:
+                self._connections.pop(node_id).close()
+                self._down_until.pop(node_id, None)
+        for node_id, member in members.items():
+            if node_id not in self._connections:
+                self._connections[node_id] = NodeConnection(
+                    self._context, member.address, self.config.limits, self.config.curve
+                )
+        self._view = view
+
+    def _replicas(self) -> int:
+        return max(1, min(self.config.replicas, len(self.ring)))
+
+    def _placement(self, keys: Sequence[bytes]) -> dict[str, list[int]]:
+        """Positions of `keys` grouped by every node that owns them (R owners per key)."""
+        replicas = self._replicas()
+        if replicas == 1:
+            return self.ring.group_by_primary(keys)
+        groups: dict[str, list[int]] = {}
+        for position, key in enumerate(keys):
+            for member in self.ring.owners(key, replicas):
+                groups.setdefault(member.node_id, []).append(position)
+        return groups
+
+    def _at_rank(
+        self, keys: Sequence[bytes], positions: list[int], rank: int
+    ) -> dict[str, list[int]]:
+        """`positions` grouped by the owner of rank `rank` (0: primary) of their keys."""
+        if rank == 0:
+            groups = self.ring.group_by_primary([keys[p] for p in positions])
+            return {node: [positions[i] for i in indices] for node, indices in groups.items()}
+        ranked: dict[str, list[int]] = {}
+        for position in positions:
+            owners = self.ring.owners(keys[position], rank + 1)
+            if len(owners) > rank:
+                ranked.setdefault(owners[rank].node_id, []).append(position)
+        return ranked
+
+    def _ranked_calls(
+        self, op: Op, keys: Sequence[bytes], positions: list[int], rank: int, batch_keys: int
+    ) -> list[_Call]:
         calls = []
-        for node_id, positions in self.ring.group_by_primary(keys).items():
-            for start in range(0, len(positions), batch_keys):
-                batch = positions[start : start + batch_keys]
+        for node_id, group in self._at_rank(keys, positions, rank).items():
+            for start in range(0, len(group), batch_keys):
+                batch = group[start : start + batch_keys]
                 request = Request(op, next(self._ids), [keys[p] for p in batch])
                 calls.append(_Call(node_id, request, batch))
         return calls
 
-    def _put_batches(self, positions: list[int], views: list[memoryview]) -> Iterator[list[int]]:
+    def _put_calls(
+        self,
+        keys: Sequence[bytes],
+        placement: dict[str, list[int]],
+        views: Mapping[int, memoryview] | Sequence[memoryview],
+        metas: Mapping[int, dict[str, Any]] | Sequence[dict[str, Any]],
+    ) -> list[_Call]:
+        calls = []
+        for node_id, positions in placement.items():
+            for batch in self._put_batches(positions, views):
+                request = Request(Op.PUT, next(self._ids), [keys[p] for p in batch])
+                batch_values = [(views[p], metas[p]) for p in batch]
+                calls.append(_Call(node_id, request, batch, batch_values))
+        return calls
+
+    def _repair(
+        self, keys: Sequence[bytes], found: list[Value | None], missed_by: dict[int, list[str]]
+    ) -> None:
+        """Write values found at a later owner back to the earlier owners that answered without
+        them (a node that joined, or one that evicted the value)."""
+        placement: dict[str, list[int]] = {}
+        views: dict[int, memoryview] = {}
+        metas: dict[int, dict[str, Any]] = {}
+        for position, nodes in missed_by.items():
+            value = found[position]
+            if value is None:
+                continue
+            views[position] = memoryview(
+                value.frames[0] if len(value.frames) == 1 else bytes(value)
+            ).cast("B")
+            metas[position] = value.meta
+            for node_id in nodes:
+                placement.setdefault(node_id, []).append(position)
+        if not placement:
+            return
+        calls = self._put_calls(keys, placement, views, metas)
+        self._execute(calls)
+        self.stats.read_repairs += sum(
+            sum(call.reply.flags) for call in calls if call.reply is not None
+        )
+
+    def _put_batches(
+        self, positions: list[int], views: Mapping[int, memoryview] | Sequence[memoryview]
+    ) -> Iterator[list[int]]:
         """Cut one node's values into requests of about `put_batch_bytes` each."""
         limits = self.config.limits
         batch: list[int] = []
@@ -231,11 +395,12 @@ class ClusterClient:
 
     @staticmethod
     def _flags(calls: list[_Call], count: int) -> list[bool]:
+        """Per key, whether any call that carried it answered True."""
         flags = [False] * count
         for call in calls:
             if call.reply is not None:
                 for position, flag in zip(call.positions, call.reply.flags):
-                    flags[position] = flag
+                    flags[position] = flags[position] or flag
         return flags
 
     # ---- sending and receiving ------------------------------------------------------------
