@@ -45,7 +45,13 @@ def _node(args: argparse.Namespace) -> None:
 def _up(args: argparse.Namespace) -> None:
     from kvcache.up import run_local_demo
 
-    run_local_demo(nodes=args.nodes, memory_bytes=args.memory, prompts=args.prompts)
+    run_local_demo(
+        nodes=args.nodes,
+        memory_bytes=args.memory,
+        prompts=args.prompts,
+        with_etcd=args.etcd,
+        replicas=args.replicas,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, help="how many cache node processes")
     up.add_argument("--memory", type=parse_bytes, default="1Gi", help="memory budget of each node")
     up.add_argument("--prompts", type=int, default=16, help="prompts in the demo workload")
+    up.add_argument(
+        "--etcd", action="store_true", help="start a local etcd; nodes register, the client watches"
+    )
+    up.add_argument("--replicas", type=int, default=1, help="copies of each chunk (distinct nodes)")
     up.set_defaults(run=_up)
     return parser
 

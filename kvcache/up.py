@@ -1,5 +1,9 @@
 """`kvcache up`: a local cluster of cache node processes and a short workload against it.
 
+With `--etcd` it also starts a local etcd server: the nodes register there under leases and the
+client builds its ring from what it watches, as in production; without it, the client is given the
+static member list.
+
 The workload is the cache's everyday job in miniature: prompts that share a system prompt and
 differ in their tails are cut into chunk keys; each request looks up its longest cached prefix,
 loads those chunks (checking every byte against what was stored), and stores the rest. The first
@@ -8,6 +12,7 @@ round finds only the shared prefix; the second finds everything.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
@@ -15,7 +20,11 @@ from dataclasses import dataclass, field
 
 from kvcache.cachenode.launcher import LocalCluster
 from kvcache.client.cluster import ClusterClient
+from kvcache.core.config import ClientConfig, EtcdConfig
 from kvcache.core.keys import Namespace, chunk_keys
+from kvcache.local_etcd import LocalEtcd
+
+CLUSTER_NAME = "local"
 
 CHUNK_TOKENS = 256
 # One 256-token chunk of SmolLM2-135M's KV in fp16: 30 layers x (K, V) x 256 x 3 heads x 64 x 2 B.
@@ -102,45 +111,74 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
 
-def run_local_demo(nodes: int, memory_bytes: int, prompts: int) -> None:
-    print(f"starting {nodes} cache nodes ({memory_bytes / 2**30:.1f} GiB memory each) ...")
-    with LocalCluster.start(nodes, memory_bytes) as cluster:
-        for node in cluster.nodes:
-            print(f"  {node.node_id}: data tcp://127.0.0.1:{node.port}  admin {node.admin_url}")
-        namespace = Namespace(model="HuggingFaceTB/SmolLM2-135M-Instruct", kv_dtype="float16")
-        workload = _prompts(prompts)
-        print(
-            f"workload: {prompts} prompts = {SYSTEM_PROMPT_TOKENS}-token shared system prompt + "
-            f"{TAIL_TOKENS}-token tail; {CHUNK_TOKENS}-token chunks of "
-            f"{CHUNK_BYTES / 2**20:.1f} MiB"
-        )
-        stored: dict[bytes, bytes] = {}
-        with ClusterClient(cluster.members) as client:
-            rounds = [
-                _run_round("first pass", client, workload, namespace, stored),
-                _run_round("repeat", client, workload, namespace, stored),
-            ]
-            node_stats = client.node_stats()
-        print()
-        _print_table(
-            ["round", "chunks", "hit chunks", "hit tokens", "PUT MiB", "PUT GB/s", "GET MiB",
-             "GET GB/s", "lookup p50 ms", "wrong bytes"],
-            [tally.row() for tally in rounds],
-        )  # fmt: skip
-        print()
-        _print_table(
-            ["node", "items", "memory used MiB", "hits", "misses"],
-            [
-                [
-                    node_id,
-                    str(stats["items"]),
-                    f"{stats['memory_used_bytes'] / 2**20:.0f}",
-                    str(stats["hits"]),
-                    str(stats["misses"]),
-                ]
-                if stats
-                else [node_id, "down", "-", "-", "-"]
-                for node_id, stats in node_stats.items()
-            ],
-        )
+def _client(cluster: LocalCluster, etcd: LocalEtcd | None, replicas: int) -> ClusterClient:
+    config = ClientConfig(replicas=replicas)
+    if etcd is None:
+        return ClusterClient(cluster.members, config)
+    client = ClusterClient.from_etcd(EtcdConfig(etcd.endpoint, CLUSTER_NAME), config)
+    deadline = time.monotonic() + 10
+    while len(client.ring) < len(cluster.nodes) and time.monotonic() < deadline:
+        client.ping()  # picks up the newest ring
+        time.sleep(0.05)
+    print(
+        f"ring from etcd: {len(client.ring)} members at epoch {client.epoch}, "
+        f"{replicas} replica(s) per chunk"
+    )
+    return client
+
+
+def run_local_demo(
+    nodes: int, memory_bytes: int, prompts: int, with_etcd: bool = False, replicas: int = 1
+) -> None:
+    with contextlib.ExitStack() as stack:
+        etcd = None
+        node_args: list[str] = []
+        if with_etcd:
+            etcd = stack.enter_context(LocalEtcd.start())
+            node_args = ["--etcd", etcd.endpoint, "--cluster", CLUSTER_NAME]
+            print(f"etcd at {etcd.endpoint}; members under /kvcache/{CLUSTER_NAME}/members/")
+        print(f"starting {nodes} cache nodes ({memory_bytes / 2**30:.1f} GiB memory each) ...")
+        cluster = stack.enter_context(LocalCluster.start(nodes, memory_bytes, extra_args=node_args))
+        _run_demo(cluster, etcd, prompts, replicas)
     print("\nnodes stopped.")
+
+
+def _run_demo(cluster: LocalCluster, etcd: LocalEtcd | None, prompts: int, replicas: int) -> None:
+    for node in cluster.nodes:
+        print(f"  {node.node_id}: data tcp://127.0.0.1:{node.port}  admin {node.admin_url}")
+    namespace = Namespace(model="HuggingFaceTB/SmolLM2-135M-Instruct", kv_dtype="float16")
+    workload = _prompts(prompts)
+    print(
+        f"workload: {prompts} prompts = {SYSTEM_PROMPT_TOKENS}-token shared system prompt + "
+        f"{TAIL_TOKENS}-token tail; {CHUNK_TOKENS}-token chunks of "
+        f"{CHUNK_BYTES / 2**20:.1f} MiB"
+    )
+    stored: dict[bytes, bytes] = {}
+    with _client(cluster, etcd, replicas) as client:
+        rounds = [
+            _run_round("first pass", client, workload, namespace, stored),
+            _run_round("repeat", client, workload, namespace, stored),
+        ]
+        node_stats = client.node_stats()
+    print()
+    _print_table(
+        ["round", "chunks", "hit chunks", "hit tokens", "PUT MiB", "PUT GB/s", "GET MiB",
+         "GET GB/s", "lookup p50 ms", "wrong bytes"],
+        [tally.row() for tally in rounds],
+    )  # fmt: skip
+    print()
+    _print_table(
+        ["node", "items", "memory used MiB", "hits", "misses"],
+        [
+            [
+                node_id,
+                str(stats["items"]),
+                f"{stats['memory_used_bytes'] / 2**20:.0f}",
+                str(stats["hits"]),
+                str(stats["misses"]),
+            ]
+            if stats
+            else [node_id, "down", "-", "-", "-"]
+            for node_id, stats in node_stats.items()
+        ],
+    )
