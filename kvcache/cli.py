@@ -1,4 +1,5 @@
-"""The one `kvcache` command: `node` runs a cache node, `up` runs a local cluster and its demo."""
+"""The one `kvcache` command: `node` runs a cache node, `up` runs a local cluster and its demo,
+`keys` makes a CurveZMQ key pair."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvcache.core.config import EtcdConfig, NodeConfig, parse_bytes
 
@@ -40,6 +42,25 @@ def _node(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as error:
         sys.exit(f"kvcache node: {error}")
     run_node(config, log_level=args.log_level)
+
+
+def _keys(args: argparse.Namespace) -> None:
+    import zmq.auth
+
+    directory = Path(args.dir)
+    existing = [directory / f"{args.name}{suffix}" for suffix in (".key", ".key_secret")]
+    if any(path.exists() for path in existing):
+        sys.exit(f"kvcache keys: {existing[0]} or its secret exists; not overwriting a key")
+    directory.mkdir(parents=True, exist_ok=True)
+    previous_umask = os.umask(0o077)  # the secret certificate is readable by its owner only
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(directory, args.name)
+    finally:
+        os.umask(previous_umask)
+    os.chmod(public_file, 0o644)
+    public_key, _ = zmq.auth.load_certificate(public_file)
+    print(f"public certificate: {public_file}\nsecret certificate: {secret_file}")
+    print(f"public key: {public_key.decode()}")
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -119,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--replicas", type=int, default=1, help="copies of each chunk (distinct nodes)")
     up.set_defaults(run=_up)
+
+    keys = commands.add_parser(
+        "keys", help="make a CurveZMQ key pair: NAME.key (public) and NAME.key_secret"
+    )
+    keys.add_argument("name", help="file name stem, e.g. node or client-vllm")
+    keys.add_argument("--dir", default=".", help="directory to write the two certificates to")
+    keys.set_defaults(run=_keys)
     return parser
 
 

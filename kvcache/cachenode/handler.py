@@ -1,6 +1,6 @@
-"""Turns one received request into one reply, over the memory tier. No sockets here.
+"""Turns one received request into one reply, over the node's tiers. No sockets here.
 
-receive frames -> parse and validate the whole header -> act on the tier -> reply frames.
+receive frames -> parse and validate the whole header -> act on the store -> reply frames.
 Nothing a client sends may crash the node: every protocol violation becomes an error reply with
 its code, and anything unexpected becomes an `internal` error reply and a log line.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from kvcache.cachenode.memory_tier import MemoryTier
 from kvcache.cachenode.stats import NodeStats
+from kvcache.cachenode.tiered_store import TieredStore
 from kvcache.core.errors import ErrorCode, ProtocolError
 from kvcache.core.protocol import (
     DEFAULT_LIMITS,
@@ -36,10 +37,15 @@ COPY_BELOW_BYTES = 64 << 10
 
 class RequestHandler:
     def __init__(
-        self, node_id: str, tier: MemoryTier, stats: NodeStats, limits: Limits = DEFAULT_LIMITS
+        self,
+        node_id: str,
+        store: TieredStore | MemoryTier,
+        stats: NodeStats,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        """A bare memory tier is served as a store without a disk tier."""
         self.node_id = node_id
-        self.tier = tier
+        self.store = store if isinstance(store, TieredStore) else TieredStore(store)
         self.stats = stats
         self.limits = limits
 
@@ -74,11 +80,11 @@ class RequestHandler:
             case Op.GET:
                 return self._get(request)
             case Op.CONTAINS:
-                return Reply(id=request.id, flags=[key in self.tier for key in request.keys]), []
+                return Reply(id=request.id, flags=[key in self.store for key in request.keys]), []
             case Op.DELETE:
-                return Reply(id=request.id, flags=[self.tier.delete(k) for k in request.keys]), []
+                return Reply(id=request.id, flags=[self.store.delete(k) for k in request.keys]), []
             case Op.STATS:
-                return Reply(id=request.id, stats=self.stats.snapshot(self.node_id, self.tier)), []
+                return Reply(id=request.id, stats=self.stats.snapshot(self.node_id, self.store)), []
             case Op.PING:
                 return Reply(id=request.id), []
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unhandled op {request.op}")
@@ -92,7 +98,11 @@ class RequestHandler:
             if info.size < COPY_BELOW_BYTES and info.frames:
                 frames = [b"".join(bytes(frame) for frame in frames)]
                 info = replace(info, frames=1)
-            accepted = self.tier.put(key, frames, info)
+            elif any(len(frame) < COPY_BELOW_BYTES for frame in frames):
+                # A large value sent in small parts would pin a read buffer and a zmq.Frame
+                # per part, far over the per-frame charge: its small parts are copied out.
+                frames = [f if len(f) >= COPY_BELOW_BYTES else bytes(f) for f in frames]
+            accepted = self.store.put(key, frames, info)
             if accepted:
                 self.stats.bytes_received += info.size
             else:
@@ -107,7 +117,7 @@ class RequestHandler:
         frames: list[Any] = []
         budget = self.limits.max_request_bytes
         for key in request.keys:
-            value = self.tier.get(key)
+            value = self.store.get(key)
             if value is None or value.info.size > budget:
                 self.stats.misses += 1
                 values.append(None)

@@ -33,6 +33,7 @@ class NodeProcess:
     admin_port: int
     memory_bytes: int
     extra_args: tuple[str, ...] = ()  # further `kvcache node` flags: --disk-dir, --etcd, ...
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,7 +54,8 @@ class NodeProcess:
             "--log-level", "WARNING",
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        environment = {**os.environ, **self.env} if self.env else None
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -72,6 +74,13 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signum)
             self.process.wait()
+
+    def restart(self, signum: int = signal.SIGKILL) -> None:
+        """Kill the process (SIGKILL: a crash, nothing flushed) and start it again on the same
+        ports and flags; returns once it is ready."""
+        self.kill(signum)
+        self.start()
+        self.wait_ready()
 
     def stop(self, grace_s: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""

@@ -3,19 +3,24 @@
 Large values stay in the buffers libzmq received them into and are sent back from the same
 buffers, so a PUT followed by GETs never copies the payload in Python. Every value is charged its
 size plus a fixed bookkeeping overhead; the charged total never exceeds the budget: an insert first
-evicts what the policy names, and a value larger than the whole budget is refused.
+evicts what the policy names, and a value larger than the whole budget is refused. Each evicted
+value is handed to `on_evict` (the disk tier's spill, when there is one) after its charge is
+released, so the budget holds even while the victim is being written elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvcache.cachenode.eviction import EvictionPolicy, LRUPolicy
 from kvcache.core.protocol import ValueInfo
 
-ENTRY_OVERHEAD_BYTES = 256
+# What an entry costs beyond its payload, measured as the node's RSS with the tier full of
+# one-byte values (tests/cachenode/test_fuzz.py): the key, the dict and policy slots, the value's
+# objects, and a meta map of up to 16 scalars (up to ~3 KiB held; see `check_meta`).
+ENTRY_OVERHEAD_BYTES = 8192
 FRAME_OVERHEAD_BYTES = 128
 
 
@@ -30,12 +35,18 @@ class StoredValue:
 
 
 class MemoryTier:
-    def __init__(self, budget_bytes: int, policy: EvictionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        policy: EvictionPolicy | None = None,
+        on_evict: Callable[[bytes, StoredValue], None] | None = None,
+    ) -> None:
         if budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0")
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.evictions = 0
+        self.on_evict = on_evict
         self._values: dict[bytes, StoredValue] = {}
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
 
@@ -62,8 +73,11 @@ class MemoryTier:
             victim = self._policy.victim()
             if victim is None:  # unreachable while the accounting is right; never loop forever
                 return False
+            evicted = self._values.get(victim)
             self.delete(victim)
             self.evictions += 1
+            if evicted is not None and self.on_evict is not None:
+                self.on_evict(victim, evicted)
         self._values[key] = value
         self.used_bytes += charge
         self._policy.inserted(key, info.meta)

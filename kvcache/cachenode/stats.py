@@ -13,7 +13,40 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvcache.cachenode.memory_tier import MemoryTier
+from kvcache.cachenode.tiered_store import TieredStore
+
+# The disk tier's figures: /stats field (also the Prometheus name after kvcache_node_), whether it
+# is a counter (else a gauge), and its help text. All zero on a node without a disk tier.
+DISK_FIGURES = (
+    ("disk_items", False, "Records held on disk"),
+    ("disk_used_bytes", False, "Bytes charged to the disk tier"),
+    ("disk_budget_bytes", False, "The disk tier's budget"),
+    ("disk_spills", True, "Records written to disk"),
+    ("disk_hits", True, "Values read from disk"),
+    ("disk_promotions", True, "Disk hits copied back into memory"),
+    ("disk_evictions", True, "Records evicted from disk"),
+    ("disk_write_errors", True, "Disk writes that failed: full disk, file too large, EIO"),
+    ("disk_corrupt_dropped", True, "Torn, corrupt or undecryptable records removed"),
+    ("disk_rejected", True, "Values not written: over the whole budget or their checksum"),
+)
+
+
+def disk_figures(store: TieredStore) -> dict[str, int]:
+    disk = store.disk
+    if disk is None:
+        return {name: 0 for name, _, _ in DISK_FIGURES}
+    return {
+        "disk_items": len(disk),
+        "disk_used_bytes": disk.used_bytes,
+        "disk_budget_bytes": disk.budget_bytes,
+        "disk_spills": disk.writes,
+        "disk_hits": disk.hits,
+        "disk_promotions": store.promotions,
+        "disk_evictions": disk.evictions,
+        "disk_write_errors": disk.write_errors,
+        "disk_corrupt_dropped": disk.corrupt_dropped,
+        "disk_rejected": disk.rejected,
+    }
 
 
 @dataclass
@@ -26,7 +59,8 @@ class NodeStats:
     bytes_received: int = 0
     bytes_sent: int = 0
 
-    def snapshot(self, node_id: str, tier: MemoryTier) -> dict[str, Any]:
+    def snapshot(self, node_id: str, store: TieredStore) -> dict[str, Any]:
+        tier = store.memory
         return {
             "node_id": node_id,
             "requests": dict(self.requests),
@@ -40,19 +74,20 @@ class NodeStats:
             "memory_used_bytes": tier.used_bytes,
             "memory_budget_bytes": tier.budget_bytes,
             "evictions": tier.evictions,
+            **disk_figures(store),
         }
 
 
 class NodeCollector:
-    """Prometheus collector over a node's counters and its memory tier."""
+    """Prometheus collector over a node's counters and its tiers."""
 
-    def __init__(self, node_id: str, stats: NodeStats, tier: MemoryTier) -> None:
+    def __init__(self, node_id: str, stats: NodeStats, store: TieredStore) -> None:
         self._node_id = node_id
         self._stats = stats
-        self._tier = tier
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
-        stats, tier = self._stats, self._tier
+        stats, tier = self._stats, self._store.memory
         requests = CounterMetricFamily(
             "kvcache_node_requests", "Requests served, by op", labels=["op"]
         )
@@ -88,3 +123,7 @@ class NodeCollector:
         yield GaugeMetricFamily(
             "kvcache_node_memory_budget_bytes", "The memory tier's budget", value=tier.budget_bytes
         )
+        figures = disk_figures(self._store)
+        for name, counter, help_text in DISK_FIGURES:
+            family = CounterMetricFamily if counter else GaugeMetricFamily
+            yield family(f"kvcache_node_{name}", help_text, value=figures[name])

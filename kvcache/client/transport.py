@@ -4,6 +4,11 @@ Everything above this class speaks in parts (header bytes, payload buffers); an 
 (NIXL, UCX) can carry the payload parts later behind the same four calls. The ZeroMQ version uses a
 DEALER socket with IMMEDIATE set, so nothing queues for a node that is not connected: a dead node
 shows up as an unwritable socket and a timeout, never as a backlog replayed after it returns.
+
+With CurveZMQ keys the socket is a CURVE client. IMMEDIATE makes a refused handshake (a key not on
+the node's allow-list, a wrong server key, a node without CURVE) look like a dead node: the
+connection never completes, nothing can be sent, and the caller's timeout turns the call into
+misses.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class NodeConnection:
         socket.setsockopt(zmq.MAXMSGSIZE, self._limits.max_message_part)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self._curve is not None:
+            socket.curve_serverkey = self._curve.server_public_key
+            socket.curve_publickey = self._curve.public_key
+            socket.curve_secretkey = self._curve.secret_key
         socket.connect(self.address)
         return socket
 

@@ -44,3 +44,12 @@ def retain_freed_buffers(largest_part_bytes: int, retain_bytes: int) -> bool:
     # ~25 pages per MiB received.
     took_pad = libc.mallopt(_M_TOP_PAD, retain) == 1
     return took_mmap and took_trim and took_pad
+
+
+def release_free_pages(keep_bytes: int) -> bool:
+    """Hand the free pages between live buffers back to the kernel, keeping `keep_bytes` at the
+    top of the main heap (glibc's malloc_trim). A part freed between values still held is out of
+    reach of the top-of-heap trim that M_TRIM_THRESHOLD governs; without this call a burst of
+    traffic stays resident. Returns whether memory was released; a no-op off glibc."""
+    libc = _libc()
+    return libc is not None and libc.malloc_trim(ctypes.c_size_t(keep_bytes)) == 1

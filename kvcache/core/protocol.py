@@ -201,12 +201,22 @@ def _keys(header: dict[str, Any], limits: Limits) -> list[bytes]:
     return keys
 
 
+_META_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
 def check_meta(meta: Any, limits: Limits, where: str = "meta") -> None:
-    """A value's metadata must be a small map: it rides in every GET reply's header."""
+    """A value's metadata must be a small flat map of scalars: it rides in every GET reply's
+    header, and a node holds it as Python objects for as long as the value lives. Nested lists
+    or maps cost one byte each packed but ~60 bytes held, which no fixed charge could cover."""
     if not isinstance(meta, dict) or len(meta) > limits.max_meta_entries:
         raise ProtocolError(
             ErrorCode.MALFORMED_HEADER,
             f"{where}: meta must be a map of at most {limits.max_meta_entries} entries",
+        )
+    if not all(type(k) is str and type(v) in _META_SCALARS for k, v in meta.items()):
+        raise ProtocolError(
+            ErrorCode.MALFORMED_HEADER,
+            f"{where}: meta maps names to scalars (nil, bool, int, float, str, bin)",
         )
     if meta and len(msgpack.packb(meta, use_bin_type=True)) > limits.max_meta_bytes:
         raise ProtocolError(

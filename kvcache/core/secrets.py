@@ -11,10 +11,14 @@ data path; a key that is missing or malformed raises ValueError with what was ex
 from __future__ import annotations
 
 import os
+import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import zmq
 import zmq.auth
+import zmq.utils.z85
 
 from kvcache.core.config import CurveClientKeys, CurveServerKeys
 
@@ -28,9 +32,17 @@ def _z85_key(text: str | bytes, what: str) -> bytes:
         raise ValueError(f"{what} must be a {Z85_KEY_CHARS}-character Z85 CurveZMQ key")
     try:
         zmq.utils.z85.decode(key)
-    except (ValueError, KeyError, IndexError):
+    except (ValueError, KeyError, struct.error):  # a foreign character, or a 5-char group >= 2**32
         raise ValueError(f"{what} is not valid Z85 text") from None
     return key
+
+
+def _matching_pair(public: bytes, secret: bytes, what: str) -> tuple[bytes, bytes]:
+    """A pair whose halves do not belong together would fail every handshake without a word in
+    any log, so it is refused at start."""
+    if zmq.curve_public(secret) != public:
+        raise ValueError(f"{what}: the public key does not belong to the secret key")
+    return public, secret
 
 
 def read_key_pair(
@@ -42,7 +54,9 @@ def read_key_pair(
         public, secret = zmq.auth.load_certificate(path)
         if secret is None:
             raise ValueError(f"{path} holds no secret key: pass the .key_secret certificate")
-        return _z85_key(public, f"{path} public key"), _z85_key(secret, f"{path} secret key")
+        return _matching_pair(
+            _z85_key(public, f"{path} public key"), _z85_key(secret, f"{path} secret key"), path
+        )
     public_text, secret_text = (
         env.get("KVCACHE_CURVE_PUBLIC_KEY"),
         env.get("KVCACHE_CURVE_SECRET_KEY"),
@@ -51,9 +65,10 @@ def read_key_pair(
         return None
     if not (public_text and secret_text):
         raise ValueError("set both KVCACHE_CURVE_PUBLIC_KEY and KVCACHE_CURVE_SECRET_KEY")
-    return (
+    return _matching_pair(
         _z85_key(public_text, "KVCACHE_CURVE_PUBLIC_KEY"),
         _z85_key(secret_text, "KVCACHE_CURVE_SECRET_KEY"),
+        "KVCACHE_CURVE_PUBLIC_KEY and KVCACHE_CURVE_SECRET_KEY",
     )
 
 
@@ -62,31 +77,37 @@ def read_public_key(path_or_key: str) -> bytes:
     if Path(path_or_key).is_file():
         public, _ = zmq.auth.load_certificate(path_or_key)
         return _z85_key(public, f"{path_or_key} public key")
-    return _z85_key(path_or_key, "server public key")
+    return _z85_key(path_or_key, f"server public key {path_or_key!r} (neither a file nor a key)")
 
 
 def read_allowed_clients(
     directory: str | None, env: Mapping[str, str] = os.environ
 ) -> frozenset[bytes] | None:
-    """The client public keys a node lets in; None when no allow-list is configured."""
+    """The client public keys a node lets in; None when no allow-list is configured.
+
+    A directory holds public certificates (`*.key`; secret ones are never read), and the variable
+    lists Z85 keys separated by commas or whitespace (neither occurs in Z85). A directory without
+    certificates is refused: it would shut every client out, which is never what was meant."""
     if directory:
         if not Path(directory).is_dir():
             raise ValueError(f"allowed-clients directory {directory} does not exist")
-        return frozenset(
+        keys = frozenset(
             _z85_key(key, f"a certificate in {directory}")
             for key in zmq.auth.load_certificates(directory)
         )
-    listed = env.get("KVCACHE_CURVE_ALLOWED_CLIENTS")
+        if not keys:
+            raise ValueError(f"allowed-clients directory {directory} holds no *.key certificate")
+        return keys
+    listed = re.findall(r"[^,\s]+", env.get("KVCACHE_CURVE_ALLOWED_CLIENTS", ""))
     if not listed:
         return None
-    return frozenset(
-        _z85_key(key, "KVCACHE_CURVE_ALLOWED_CLIENTS entry") for key in listed.split(",") if key
-    )
+    return frozenset(_z85_key(key, "KVCACHE_CURVE_ALLOWED_CLIENTS entry") for key in listed)
 
 
 def curve_server_keys(
     key_file: str | None, allowed_dir: str | None, env: Mapping[str, str] = os.environ
 ) -> CurveServerKeys | None:
+    """A node's CurveZMQ settings; None (plain TCP) when no key pair is configured."""
     pair = read_key_pair(key_file, env)
     allowed = read_allowed_clients(allowed_dir, env)
     if pair is None:

@@ -35,6 +35,16 @@ STATS_FIELDS = {
     "memory_used_bytes",
     "memory_budget_bytes",
     "evictions",
+    "disk_items",
+    "disk_used_bytes",
+    "disk_budget_bytes",
+    "disk_spills",
+    "disk_hits",
+    "disk_promotions",
+    "disk_evictions",
+    "disk_write_errors",
+    "disk_corrupt_dropped",
+    "disk_rejected",
 }
 
 
