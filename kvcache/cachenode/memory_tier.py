@@ -18,8 +18,9 @@ from kvcache.cachenode.eviction import EvictionPolicy, LRUPolicy
 from kvcache.core.protocol import ValueInfo
 
 # What an entry costs beyond its payload, measured as the node's RSS with the tier full of
-# one-byte values (tests/cachenode/test_fuzz.py): the key, the dict and policy slots, the value's
-# objects, and a meta map of up to 16 scalars (up to ~3 KiB held; see `check_meta`).
+# one-byte values (tests/cachenode/test_fuzz.py): ~1 KiB with no meta, ~8 KiB with the costliest
+# meta `check_meta` lets through (16 names no other value uses, each with a short string). A
+# fixed charge keeps a tier of tiny values within its budget; on MiB-sized chunks it is noise.
 ENTRY_OVERHEAD_BYTES = 8192
 FRAME_OVERHEAD_BYTES = 128
 
