@@ -61,9 +61,7 @@ class MemberRegistration:
         if self._client is None:
             host, port = self.etcd.host_port
             self._client = aetcd.Client(host=host, port=port, timeout=CALL_TIMEOUT_S)
-        lease = await asyncio.wait_for(
-            self._client.lease(self.etcd.lease_ttl_s), CALL_TIMEOUT_S
-        )
+        lease = await asyncio.wait_for(self._client.lease(self.etcd.lease_ttl_s), CALL_TIMEOUT_S)
         await asyncio.wait_for(
             self._client.put(self.key, self.record.encode(), lease=lease), CALL_TIMEOUT_S
         )

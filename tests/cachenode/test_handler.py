@@ -10,7 +10,7 @@ from kvcache.core.protocol import Limits, Op, Request, ValueInfo, decode_header,
 
 def test_a_get_reply_carries_at_most_max_request_bytes_and_misses_the_rest():
     limits = Limits(max_request_bytes=250)
-    tier = MemoryTier(10_000)
+    tier = MemoryTier(1 << 20)
     stats = NodeStats()
     handler = RequestHandler("n", tier, stats, limits)
     keys = [bytes([i]) * 32 for i in range(4)]
