@@ -30,7 +30,7 @@ from pathlib import Path
 
 import zmq.auth
 
-from kvcache.cachenode.launcher import NodeProcess, free_port
+from kvcache.cachenode.launcher import LocalCluster, NodeProcess, free_port
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.config import ClientConfig, CurveClientKeys
 from kvcache.core.secrets import curve_client_keys
@@ -114,14 +114,7 @@ def start_nodes(certificates: Path) -> dict[str, NodeProcess]:
         "plain": NodeProcess("plain", free_port(), free_port(), memory),
         "curve": NodeProcess("curve", free_port(), free_port(), memory, curve_flags),
     }
-    try:
-        for node in nodes.values():
-            node.start()
-        for node in nodes.values():
-            node.wait_ready()
-    except BaseException:
-        stop_nodes(nodes)
-        raise
+    LocalCluster.launch(list(nodes.values()))
     return nodes
 
 

@@ -31,7 +31,7 @@ import zmq
 from kvcache.cachenode.at_rest import AtRestCipher
 from kvcache.cachenode.disk_tier import DiskTier
 from kvcache.cachenode.handler import RequestHandler
-from kvcache.cachenode.launcher import NodeProcess, free_port
+from kvcache.cachenode.launcher import LocalCluster, NodeProcess, free_port
 from kvcache.cachenode.memory_tier import MemoryTier
 from kvcache.cachenode.stats import NodeStats
 from kvcache.cachenode.tiered_store import TieredStore
@@ -64,15 +64,7 @@ def start_nodes(directory: Path) -> dict[str, NodeProcess]:
             (*disk, "--disk-dir", str(directory / "e"), "--at-rest-key-file", str(key_file)),
         ),
     }
-    try:
-        for node in nodes.values():
-            node.start()
-        for node in nodes.values():
-            node.wait_ready()
-    except BaseException:
-        for node in nodes.values():
-            node.stop()
-        raise
+    LocalCluster.launch(list(nodes.values()))
     return nodes
 
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from kvcache.cachenode.launcher import free_port
+from kvcache.cachenode.launcher import free_port, wait_until_ok
 
 
 class LocalEtcd:
@@ -50,25 +47,12 @@ class LocalEtcd:
         )
         log.close()
         try:
-            server._wait_healthy(client_url, timeout_s)
+            wait_until_ok(f"{client_url}/health", server._process, "etcd", timeout_s)
         except BaseException:
+            print((server._data / "etcd.log").read_text(errors="replace")[-2000:])
             server.stop()
             raise
         return server
-
-    def _wait_healthy(self, client_url: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                output = (self._data / "etcd.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"etcd exited with {self._process.returncode}: {output}")
-            try:
-                if httpx.get(f"{client_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"etcd not healthy after {timeout_s} s")
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

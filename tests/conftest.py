@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvcache.cachenode.launcher import LocalCluster
+from kvcache.cachenode.launcher import LocalCluster, NodeProcess, free_port
 from kvcache.local_etcd import LocalEtcd
 
 _cluster_names = itertools.count()
@@ -28,6 +28,28 @@ def start_cluster() -> Iterator[Callable[..., LocalCluster]]:
     yield start
     for cluster in started:
         cluster.stop()
+
+
+@pytest.fixture
+def start_node() -> Iterator[Callable[..., NodeProcess]]:
+    """`start_node(*flags, memory_bytes=64 MiB, env={...})` runs one ready `kvcache node` process
+    with these extra flags (and environment) for this test."""
+    started: list[NodeProcess] = []
+
+    def start(
+        *flags: str, memory_bytes: int = 64 << 20, env: dict[str, str] | None = None
+    ) -> NodeProcess:
+        node = NodeProcess(
+            f"node-{len(started)}", free_port(), free_port(), memory_bytes, flags, env or {}
+        )
+        started.append(node)
+        node.start()
+        node.wait_ready()
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
 
 
 @pytest.fixture(scope="session")

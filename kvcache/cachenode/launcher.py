@@ -20,6 +20,23 @@ import httpx
 from kvcache.core.ring import Member
 
 
+def wait_until_ok(
+    url: str, process: subprocess.Popen[bytes], what: str, timeout_s: float = 30.0
+) -> None:
+    """Poll `url` until it answers 200; raise if `process` exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout_s} s")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -58,17 +75,8 @@ class NodeProcess:
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"node {self.node_id} exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.admin_url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"node {self.node_id} not ready after {timeout_s} s")
+        assert self.process is not None, "start() the node first"
+        wait_until_ok(f"{self.admin_url}/readyz", self.process, f"node {self.node_id}", timeout_s)
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -110,7 +118,7 @@ class LocalCluster:
     ) -> LocalCluster:
         """`extra_args` are flags for every node, or a function of the node's index giving each
         node its own (a disk directory per node, say)."""
-        cluster = cls(
+        return cls.launch(
             [
                 NodeProcess(
                     f"{name_prefix}-{index}",
@@ -122,6 +130,12 @@ class LocalCluster:
                 for index in range(count)
             ]
         )
+
+    @classmethod
+    def launch(cls, nodes: Sequence[NodeProcess]) -> LocalCluster:
+        """Start the given nodes together and wait until all are ready; none is left running if
+        one fails to start."""
+        cluster = cls(list(nodes))
         try:
             for node in cluster.nodes:
                 node.start()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,25 +66,6 @@ def certs(tmp_path: Path) -> Certificates:
     (tmp_path / "allowed").mkdir()
     shutil.copy(keys / "allowed.key", tmp_path / "allowed" / "allowed.key")
     return Certificates(tmp_path)
-
-
-@pytest.fixture
-def start_node() -> Iterator[Callable[..., NodeProcess]]:
-    """`start_node(*flags, env={...})` runs one `kvcache node` process for this test."""
-    started: list[NodeProcess] = []
-
-    def start(*flags: str, env: dict[str, str] | None = None) -> NodeProcess:
-        node = NodeProcess(
-            f"curve-{len(started)}", free_port(), free_port(), 64 * MiB, flags, env or {}
-        )
-        started.append(node)
-        node.start()
-        node.wait_ready()
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
 
 
 def curve_node(start_node: Callable[..., NodeProcess], certs: Certificates) -> NodeProcess:

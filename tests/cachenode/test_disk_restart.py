@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -68,24 +68,15 @@ def kill_after(node: NodeProcess, delay_s: float) -> tuple[threading.Timer, thre
 
 
 @pytest.fixture
-def disk_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+def disk_node(start_node, tmp_path: Path) -> Callable[..., NodeProcess]:
     """`disk_node(memory_bytes, disk_bytes, *flags)`: a ready node with its disk tier in
     tmp_path/disk; stopped after the test."""
-    started: list[NodeProcess] = []
 
     def start(memory_bytes: int, disk_bytes: int, *flags: str) -> NodeProcess:
         disk_flags = ("--disk-dir", str(tmp_path / "disk"), "--disk", str(disk_bytes))
-        node = NodeProcess(
-            f"disk-{len(started)}", free_port(), free_port(), memory_bytes, (*disk_flags, *flags)
-        )
-        started.append(node)
-        node.start()
-        node.wait_ready()
-        return node
+        return start_node(*disk_flags, *flags, memory_bytes=memory_bytes)
 
-    yield start
-    for node in started:
-        node.stop()
+    return start
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
