@@ -1,6 +1,6 @@
 # Two entry points for a newcomer (README.md): `make demo` and `make test`.
-# Both create .venv on first use; `make test` and `make bench` also install the Debian packages that
-# tests and benchmarks start as real servers (scripts/system-deps: etcd-server, redis-server).
+# Both create .venv on first use and install the Debian packages that the demo, tests and
+# benchmarks start as real servers (scripts/system-deps: etcd-server, redis-server).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kvcache up
+	scripts/system-deps
+	$(VENV)/bin/kvcache up --etcd --replicas 2
 
 test: $(STAMP)
 	scripts/system-deps
