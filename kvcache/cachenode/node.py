@@ -73,7 +73,12 @@ class CacheNode:
         context = zmq.Context()
         front = self.front = ZmqFront(context, self.config.address, self.handler, self.config.curve)
         app = create_admin_app(
-            NodeCollector(self.config.node_id, self.stats, self.store),
+            NodeCollector(
+                self.config.node_id,
+                self.stats,
+                self.store,
+                (lambda: front.auth_denied) if front.allow_list is not None else None,
+            ),
             self.snapshot,
             lambda: self.ready,
         )

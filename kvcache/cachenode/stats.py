@@ -7,7 +7,7 @@ them at scrape time through `NodeCollector`, so serving a request never takes a 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,10 +81,18 @@ class NodeStats:
 class NodeCollector:
     """Prometheus collector over a node's counters and its tiers."""
 
-    def __init__(self, node_id: str, stats: NodeStats, store: TieredStore) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        stats: NodeStats,
+        store: TieredStore,
+        curve_denied: Callable[[], int] | None = None,
+    ) -> None:
+        """`curve_denied` reads the handshakes a CURVE allow-list refused (nodes with one)."""
         self._node_id = node_id
         self._stats = stats
         self._store = store
+        self._curve_denied = curve_denied
 
     def collect(self) -> Iterator[Metric]:
         stats, tier = self._stats, self._store.memory
@@ -94,6 +102,12 @@ class NodeCollector:
         for op, count in sorted(stats.requests.items()):
             requests.add_metric([op], count)
         yield requests
+        if self._curve_denied is not None:
+            yield CounterMetricFamily(
+                "kvcache_node_curve_denied",
+                "CurveZMQ handshakes refused by the client allow-list",
+                value=self._curve_denied(),
+            )
         errors = CounterMetricFamily(
             "kvcache_node_errors", "Requests answered with an error, by code", labels=["code"]
         )

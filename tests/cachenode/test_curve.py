@@ -129,6 +129,9 @@ def test_a_client_off_the_allow_list_gets_no_data_and_the_node_keeps_serving(sta
         assert [bytes(v) for v in allowed.get(keys)] == values
     stats = node_stats(node)
     assert stats["curve_denied"] >= 1
+    metrics = httpx.get(f"{node.admin_url}/metrics", timeout=5).text
+    (line,) = [x for x in metrics.splitlines() if x.startswith("kvcache_node_curve_denied_total")]
+    assert float(line.split()[-1]) >= stats["curve_denied"]
     assert stats["requests"] == {"PUT": 1, "GET": 1}  # none of the stranger's reached the node
     assert node.stop() == 0
 
