@@ -21,7 +21,8 @@ from kvcache.core.membership import MemberRecord, member_key
 
 log = logging.getLogger(__name__)
 
-RETRY_S = 0.5
+RETRY_S = 0.5  # first retry after etcd failed; doubles per failure up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
 # Each etcd call is given this long; a hung call must not outlive a lease refresh period.
 CALL_TIMEOUT_S = 2.0
 
@@ -39,10 +40,12 @@ class MemberRegistration:
     async def run(self) -> None:
         """Register and keep the lease alive until cancelled."""
         refresh_s = max(0.2, self.etcd.lease_ttl_s / 3)
+        retry_s = RETRY_S
         while True:
             try:
                 if self._lease is None:
                     await self._register()
+                    retry_s = RETRY_S
                     continue
                 await asyncio.sleep(refresh_s)
                 reply = await asyncio.wait_for(self._lease.refresh(), CALL_TIMEOUT_S)
@@ -55,7 +58,8 @@ class MemberRegistration:
                 log.warning("etcd registration of %s: %s", self.record.node_id, error)
                 self._forget()
                 await self._close_client()
-                await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, RETRY_MAX_S)
 
     async def _register(self) -> None:
         if self._client is None:

@@ -25,7 +25,8 @@ from kvcache.core.ring import HashRing, Member
 
 log = logging.getLogger(__name__)
 
-RECONNECT_S = 0.5
+RECONNECT_S = 0.5  # first retry after etcd failed; doubles per failure up to RECONNECT_MAX_S
+RECONNECT_MAX_S = 5.0
 
 
 class MembershipSource(Protocol):
@@ -61,7 +62,8 @@ class EtcdMembership:
         self._changed = threading.Condition()
         self._callbacks: list[Callable[[RingView], None]] = []
         self._loop = asyncio.new_event_loop()
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()
+        self._listed = False  # set by each successful listing: the next failure retries soon
         self._thread = threading.Thread(
             target=self._loop.run_until_complete,
             args=(self._follow(),),
@@ -88,8 +90,9 @@ class EtcdMembership:
             return self._view
 
     def close(self) -> None:
-        if self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+        if not self._thread.is_alive():
+            return
+        self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
@@ -97,8 +100,8 @@ class EtcdMembership:
     # ---- the watcher thread ---------------------------------------------------------------
 
     async def _follow(self) -> None:
-        self._stopping = asyncio.Event()
         stopping = asyncio.create_task(self._stopping.wait())
+        delay = RECONNECT_S
         while not self._stopping.is_set():
             following = asyncio.create_task(self._list_and_watch())
             await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -110,8 +113,11 @@ class EtcdMembership:
                 pass
             except Exception as error:  # etcd down or restarting: keep the last view, retry
                 log.warning("etcd membership watch of %s: %s", self.etcd.cluster, error)
+            if self._listed:
+                delay, self._listed = RECONNECT_S, False
             if not self._stopping.is_set():
-                await asyncio.sleep(RECONNECT_S)
+                await asyncio.wait({stopping}, timeout=delay)
+                delay = min(2 * delay, RECONNECT_MAX_S)
 
     async def _list_and_watch(self) -> None:
         host, port = self.etcd.host_port
@@ -123,6 +129,7 @@ class EtcdMembership:
                 self._apply_put(kv.key, kv.value)
             revision = listing.header.revision
             self._publish(revision)
+            self._listed = True
             watch = await client.watch_prefix(self._prefix, start_revision=revision + 1)
             async for event in watch:
                 if event.kind == aetcd.EventKind.PUT:

@@ -17,6 +17,7 @@ from kvcache.client.cluster import ClusterClient
 from kvcache.client.membership import EtcdMembership
 from kvcache.core.config import ClientConfig, EtcdConfig
 from kvcache.core.membership import MemberRecord, member_key
+from kvcache.local_etcd import LocalEtcd
 
 LEASE_TTL_S = 2
 
@@ -199,3 +200,29 @@ def test_node_refuses_a_malformed_etcd_endpoint():
     node = NodeProcess("bad-etcd", free_port(), free_port(), 1 << 20, ("--etcd", "no-port"))
     node.start()
     assert node.process.wait(30) != 0
+
+
+def test_when_etcd_goes_away_clients_keep_their_last_ring_and_nodes_keep_serving(
+    start_cluster, cluster_name
+):
+    etcd = LocalEtcd.start()
+    try:
+        cluster = start_cluster(2, extra_args=etcd_args(etcd, cluster_name))
+        ids = {node.node_id for node in cluster.nodes}
+        keys = make_keys(20, "etcd-gone")
+        values = [os.urandom(1000) for _ in keys]
+        etcd_config = EtcdConfig(etcd.endpoint, cluster_name)
+        with ClusterClient.from_etcd(etcd_config, ClientConfig(replicas=2)) as client:
+            deadline = time.monotonic() + 10
+            while {m.node_id for m in client.ring.members} != ids and time.monotonic() < deadline:
+                client.ping()
+                time.sleep(0.05)
+            epoch = client.epoch
+            assert all(client.put(keys, values))
+            etcd.stop()
+            time.sleep(LEASE_TTL_S + 1)  # longer than the nodes' leases: no one can tell now
+            assert [bytes(v) for v in client.get(keys)] == values
+            assert {m.node_id for m in client.ring.members} == ids and client.epoch == epoch
+        assert all(node.process.poll() is None for node in cluster.nodes)
+    finally:
+        etcd.stop()
