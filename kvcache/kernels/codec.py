@@ -45,8 +45,10 @@ class Codec(Protocol):
         ...
 
     @classmethod
-    def decode_body(cls, header: BlobHeader, body: memoryview) -> torch.Tensor:
-        """The KV tensor (on the CPU, in the header's dtype); CorruptBlob if the body and the
+    def decode_body(
+        cls, header: BlobHeader, body: memoryview, device: torch.device
+    ) -> torch.Tensor:
+        """The KV tensor on `device`, in the header's dtype; CorruptBlob if the body and the
         parameters do not fit the shape."""
         ...
 
@@ -106,7 +108,7 @@ def decode(blob: bytes | memoryview, device: torch.device | str = "cpu") -> torc
         raise CorruptBlob(f"blob dtype {header.dtype!r} is not one of {sorted(DTYPES)}")
     if header.shape[1] != 2:
         raise CorruptBlob(f"blob shape {list(header.shape)} is not [layers, 2, ...]")
-    return codec.decode_body(header, body).to(device)
+    return codec.decode_body(header, body, torch.device(device))
 
 
 def element_count(shape: tuple[int, ...]) -> int:

@@ -20,9 +20,11 @@ class RawCodec:
         return {}, tensor_bytes(kv)
 
     @classmethod
-    def decode_body(cls, header: BlobHeader, body: memoryview) -> torch.Tensor:
+    def decode_body(
+        cls, header: BlobHeader, body: memoryview, device: torch.device
+    ) -> torch.Tensor:
         dtype = DTYPES[header.dtype]
         count = element_count(header.shape)
         if body.nbytes != count * dtype.itemsize:
             raise CorruptBlob(f"{body.nbytes} body bytes cannot hold {list(header.shape)} {dtype}")
-        return body_tensor(body, 0, count, dtype).reshape(header.shape)
+        return body_tensor(body, 0, count, dtype).reshape(header.shape).to(device)
