@@ -25,7 +25,6 @@ that sees libzmq's buffers, Python's per-entry objects and the freed memory an a
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,14 +36,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from node_round_trip import assert_round_trip
 from sample_keys import make_keys
 
 from kvcache.cachenode.launcher import LocalCluster, NodeProcess
 from kvcache.cachenode.memory_tier import ENTRY_OVERHEAD_BYTES
 from kvcache.cachenode.node import RELEASE_EVERY_S
-from kvcache.client.cluster import ClusterClient
 from kvcache.core.checksum import checksum
-from kvcache.core.config import ClientConfig
 from kvcache.core.errors import ErrorCode, ProtocolError
 from kvcache.core.protocol import (
     DEFAULT_LIMITS,
@@ -417,7 +415,7 @@ class Fuzz:
         assert stats["memory_used_bytes"] <= BUDGET_BYTES
         assert ErrorCode.INTERNAL not in stats["errors"]
         self.check_settled_memory()
-        round_trip(self.node, label)
+        assert_round_trip(self.node, label, delete=True)
 
 
 def read_status(node: NodeProcess) -> dict[str, int]:
@@ -435,18 +433,6 @@ def reset_peak_rss(node: NodeProcess) -> None:
     """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
     with open(f"/proc/{node.process.pid}/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-
-
-def round_trip(node: NodeProcess, label: str) -> None:
-    """A normal PUT, GET and DELETE through the cluster client return the same bytes."""
-    keys = make_keys(2, f"round-trip-{label}")
-    values = [os.urandom(100_000), os.urandom(3 * MiB)]  # a copied value and a multi-frame one
-    with ClusterClient([node.member], ClientConfig(timeout_s=10.0)) as client:
-        assert client.put(keys, values, [{"depth": 0}, {"depth": 1}]) == [True, True]
-        got = client.get(keys)
-        assert [None if value is None else bytes(value) for value in got] == values
-        assert client.delete(keys) == [True, True]
-        assert client.stats.timeouts == 0 and not client.stats.node_errors
 
 
 # ---- the test ------------------------------------------------------------------------------
@@ -475,7 +461,7 @@ def test_node_survives_100k_fuzzed_frames_within_its_memory_budget(capfd, contex
         fuzz = Fuzz(node, connect(context, node), lambda: capfd.readouterr().err)
 
         # Warm-up: every op and the client path once, a batch's worth of buffers, nothing kept.
-        round_trip(node, "warm-up")
+        assert_round_trip(node, "warm-up", delete=True)
         version, key = PROTOCOL_VERSION, POOL[0]
         put = {"v": version, "id": 1, "op": "PUT", "keys": [key], "vals": [[MiB, 1, 0, {}]]}
         warm = [pack(put), b"w" * MiB]

@@ -8,7 +8,6 @@ PUTs and GETs from the cluster client.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import httpx
 import msgpack
 import pytest
 import zmq
+from node_round_trip import assert_round_trip
 from sample_keys import make_keys
 
 from kvcache.cachenode.launcher import LocalCluster, NodeProcess
@@ -198,18 +198,6 @@ def ping(socket: zmq.Socket, request_id: int = 1) -> dict:
     reply = receive(socket)
     assert reply is not None, "the node did not answer a PING"
     return msgpack.unpackb(reply[0])
-
-
-def assert_round_trip(node: NodeProcess, label: str) -> None:
-    """A normal PUT and GET through the cluster client return the same bytes."""
-    keys = make_keys(2, f"after-{label}")
-    values = [os.urandom(100_000), os.urandom(3 * MiB)]  # a copied value and a multi-frame one
-    with ClusterClient([node.member], ClientConfig(timeout_s=5.0)) as client:
-        assert client.put(keys, values, [{"depth": 0}, {"depth": 1}]) == [True, True]
-        got = client.get(keys)
-        assert [bytes(value) for value in got] == values
-        assert [value.meta for value in got] == [{"depth": 0}, {"depth": 1}]
-        assert client.stats.timeouts == 0 and not client.stats.node_errors
 
 
 # ---- each hostile message on its own -------------------------------------------------------
