@@ -24,6 +24,7 @@ from kvcache.kernels.blob import (
     pack_blob,
     unpack_blob,
 )
+from kvcache.kernels.cachegen import CacheGenCodec
 from kvcache.kernels.int8 import Int8Codec
 from kvcache.kernels.raw import RawCodec
 
@@ -35,6 +36,8 @@ def blobs() -> dict[str, bytes]:
     return {
         "none": encode(kv.half(), RawCodec()),
         "int8": encode(kv.bfloat16(), Int8Codec()),
+        "cachegen": encode(kv.half(), CacheGenCodec()),
+        "cachegen-packed-anchors": encode(kv, CacheGenCodec(entropy="none", anchor_group=4)),
     }
 
 
@@ -58,7 +61,7 @@ def corrupt(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
     return kind, bytes(data) if bytes(data) != blob else bytes(data[:-1])
 
 
-@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("codec", ["none", "int8", "cachegen", "cachegen-packed-anchors"])
 def test_random_corruptions_always_raise_a_typed_error(codec):
     blob = blobs()[codec]
     rng = random.Random(f"corrupt-{codec}")
@@ -98,6 +101,7 @@ def valid_fields(payload: bytes, changes: dict | None = None) -> dict:
 
 
 BODY = bytes(16)  # 1 x 2 x 1 x 1 x 2 float32
+CACHEGEN = {"bits": [4, 6], "key_group": 64, "anchor_group": 0, "entropy": "none"}
 
 
 def test_a_consistent_hand_made_blob_decodes():
@@ -120,6 +124,16 @@ def test_a_consistent_hand_made_blob_decodes():
         ({"body": 15}, TruncatedBlob),
         ({"sum": 0}, CorruptBlob),
         ({"codec": "int8", "params": {"k": "row", "v": "token"}}, CorruptBlob),
+        ({"codec": "cachegen", "params": {}}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, bits=[4])}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, bits=[9, 6])}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, bits=[4, 1])}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, bits="46")}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, key_group=0)}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, anchor_group=-1)}, CorruptBlob),
+        ({"codec": "cachegen", "params": dict(CACHEGEN, entropy="lz4")}, CorruptBlob),
+        ({"codec": "cachegen", "params": CACHEGEN}, CorruptBlob),  # 16 bytes fit no layout
+        ({"codec": "cachegen", "params": CACHEGEN, "shape": [1, 2, 1 << 40, 1, 2]}, CorruptBlob),
     ],
 )
 def test_consistent_blobs_with_impossible_headers_raise_typed_errors(changes, error):
