@@ -31,20 +31,33 @@ def _check_widths(widths: list[int]) -> None:
         raise ValueError(f"bit widths must be in 1..{MAX_WIDTH}, got {sorted(set(widths))}")
 
 
+def _same_width_runs(widths: list[int]):
+    """(first stream, last stream + 1, width) for each run of equal widths."""
+    start = 0
+    for stream in range(1, len(widths) + 1):
+        if stream == len(widths) or widths[stream] != widths[start]:
+            yield start, stream, widths[start]
+            start = stream
+
+
 def pack_reference(codes: torch.Tensor, widths: list[int]) -> torch.Tensor:
     """uint8 codes `[streams, n]` (each below 2**width of its stream) as one packed uint8 buffer."""
     _check_widths(widths)
-    streams, count = codes.shape
-    out = torch.zeros(stream_offsets(count, widths)[-1], dtype=torch.uint8, device=codes.device)
+    count = codes.shape[1]
     offsets = stream_offsets(count, widths)
-    for stream, width in enumerate(widths):
-        shifts = torch.arange(width, device=codes.device, dtype=torch.int32)
-        bits = ((codes[stream].to(torch.int32)[:, None] >> shifts) & 1).flatten()
-        padded = torch.zeros(stream_bytes(count, width) * 8, dtype=torch.int32, device=codes.device)
-        padded[: bits.numel()] = bits
-        byte_shifts = torch.arange(8, device=codes.device, dtype=torch.int32)
-        packed = (padded.reshape(-1, 8) << byte_shifts).sum(dim=1)
-        out[offsets[stream] : offsets[stream + 1]] = packed.to(torch.uint8)
+    out = torch.empty(offsets[-1], dtype=torch.uint8, device=codes.device)
+    for first, last, width in _same_width_runs(widths):
+        size = stream_bytes(count, width)
+        run = out[offsets[first] : offsets[last]].view(last - first, size)
+        if width == MAX_WIDTH:
+            run.copy_(codes[first:last])
+            continue
+        shifts = torch.arange(width, device=codes.device, dtype=torch.uint8)
+        bits = ((codes[first:last, :, None] >> shifts) & 1).reshape(last - first, -1)
+        padded = torch.zeros((last - first, size * 8), dtype=torch.uint8, device=codes.device)
+        padded[:, : bits.shape[1]] = bits
+        byte_shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+        run.copy_((padded.view(last - first, size, 8) << byte_shifts).sum(dim=2, dtype=torch.uint8))
     return out
 
 
@@ -55,10 +68,14 @@ def unpack_reference(packed: torch.Tensor, widths: list[int], count: int) -> tor
     if packed.numel() != offsets[-1]:
         raise ValueError(f"{packed.numel()} packed bytes; the widths need {offsets[-1]}")
     out = torch.empty((len(widths), count), dtype=torch.uint8, device=packed.device)
-    byte_shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    for stream, width in enumerate(widths):
-        data = packed[offsets[stream] : offsets[stream + 1]].to(torch.int32)
-        bits = ((data[:, None] >> byte_shifts) & 1).flatten()[: count * width]
-        shifts = torch.arange(width, device=packed.device, dtype=torch.int32)
-        out[stream] = (bits.reshape(count, width) << shifts).sum(dim=1).to(torch.uint8)
+    byte_shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    for first, last, width in _same_width_runs(widths):
+        run = packed[offsets[first] : offsets[last]].view(last - first, -1)
+        if width == MAX_WIDTH:
+            out[first:last] = run
+            continue
+        bits = ((run[:, :, None] >> byte_shifts) & 1).reshape(last - first, -1)
+        bits = bits[:, : count * width].reshape(last - first, count, width)
+        shifts = torch.arange(width, device=packed.device, dtype=torch.uint8)
+        out[first:last] = (bits << shifts).sum(dim=2, dtype=torch.uint8)
     return out

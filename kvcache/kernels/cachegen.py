@@ -12,8 +12,9 @@ Codes are cut into streams, one per (K or V, layer, KV head), each with its own 
   quality than it saved); the absmax bound makes narrow codes range-based instead of clipping.
 - anchors (`anchor_group` > 0): every group of tokens starts with an anchor token stored as int8
   (per channel); the group's other tokens are quantized as deltas against the decoded anchor.
-- entropy `zstd`: codes are one per byte and zstd (level 1) squeezes them to near their entropy;
-  `none`: codes are bit packed at their stream's width.
+- entropy stage (`entropy.py`): `ans` (default) codes one byte per code with an ANS coder and a
+  table of symbol counts per K and V, within a fraction of a percent of the codes' entropy;
+  `zstd` is faster and looser; `none` stores the codes bit packed at their stream's width.
 Scale parameters are bfloat16 (their precision does not matter, only that encoder and decoder use
 the same values: the encoder quantizes with the rounded ones, rounded outwards so the range is
 still covered). The quantize + pack and unpack + dequantize steps are Triton kernels on CUDA
@@ -29,18 +30,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-import zstandard
 
+from kvcache.kernels import entropy as entropy_stages
 from kvcache.kernels import int8
 from kvcache.kernels.bitpack import pack_reference, stream_offsets, unpack_reference
 from kvcache.kernels.blob import BlobHeader, CorruptBlob
 from kvcache.kernels.codec import DTYPES, body_tensor, register, tensor_bytes
 
-ENTROPY_STAGES = ("zstd", "none")
-# Level 1 came within 2% of the codes' entropy on real KV; higher levels spend time on matches
-# that quantization noise does not have (level 3 was 15% larger).
-ZSTD_LEVEL = 1
 KEY_BITS = range(1, 9)
 VALUE_BITS = range(2, 9)
 
@@ -172,10 +170,10 @@ class CacheGenCodec:
         value_step: float = 1.0,
         key_group: int = 64,
         anchor_group: int = 0,
-        entropy: str = "zstd",
+        entropy: str = "ans",
     ) -> None:
-        if entropy not in ENTROPY_STAGES:
-            raise ValueError(f"entropy must be one of {ENTROPY_STAGES}, got {entropy!r}")
+        if entropy not in entropy_stages.STAGES:
+            raise ValueError(f"entropy must be one of {entropy_stages.STAGES}, got {entropy!r}")
         if key_group < 1 or anchor_group < 0:
             raise ValueError("key_group must be >= 1 and anchor_group >= 0")
         if not value_step > 0:
@@ -212,9 +210,7 @@ class CacheGenCodec:
         else:
             codes = quantize_reference(x, lo, key_step, value_step, bits, self.key_group)
             packed = pack_reference(codes, widths)
-        code_bytes = tensor_bytes(packed)
-        if self.entropy == "zstd":
-            code_bytes = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(code_bytes)
+        code_bytes = entropy_stages.compress(self.entropy, _code_parts(packed, self.entropy))
         params_bytes = [tensor_bytes(part.to(_PARAM_DTYPE)) for part in (lo, key_step, value_step)]
         body = b"".join([*params_bytes, *(tensor_bytes(part) for part in anchor_parts), code_bytes])
         params = {
@@ -229,7 +225,7 @@ class CacheGenCodec:
     def _widths(table: torch.Tensor, entropy: str) -> list[int]:
         """Each stream's packed width: its bit width, or a whole byte for the entropy stage."""
         bits = table.flatten().tolist()
-        return [8] * len(bits) if entropy == "zstd" else bits
+        return bits if entropy == "none" else [8] * len(bits)
 
     @classmethod
     def decode_body(
@@ -259,16 +255,9 @@ class CacheGenCodec:
             )
         widths = cls._widths(table, entropy)
         packed_bytes = stream_offsets(tokens * head_dim, widths)[-1]
-        code_bytes = body[at:]
-        if entropy == "zstd":
-            code_bytes = _decompress(code_bytes, packed_bytes)
-        if len(code_bytes) != packed_bytes:
-            raise CorruptBlob(f"{len(code_bytes)} code bytes; the bit table needs {packed_bytes}")
-        packed = (
-            torch.frombuffer(bytearray(code_bytes), dtype=torch.uint8)
-            if packed_bytes
-            else (torch.empty(0, dtype=torch.uint8))
-        )
+        sizes = [packed_bytes] if entropy == "none" else [packed_bytes // 2] * 2
+        parts = entropy_stages.decompress(entropy, body[at:], sizes)
+        packed = torch.from_numpy(np.concatenate(parts))
         tensors = [t.to(device) for t in (packed, lo, key_step, value_step, table)]
         packed, lo, key_step, value_step, bits = tensors
         dtype = DTYPES[header.dtype]
@@ -297,7 +286,7 @@ class CacheGenCodec:
                 raise ValueError(f"{len(bits)} bit widths for {layers} layers x {heads} heads")
             table = torch.tensor(bits, dtype=torch.int32).reshape(2, layers, heads)
             _check_table(table)
-            if key_group < 1 or anchor_group < 0 or entropy not in ENTROPY_STAGES:
+            if key_group < 1 or anchor_group < 0 or entropy not in entropy_stages.STAGES:
                 raise ValueError(f"bad key_group, anchor_group or entropy in {params}")
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise CorruptBlob(f"cachegen parameters do not parse: {error}") from error
@@ -310,9 +299,8 @@ def _take(body: memoryview, at: int, count: int, dtype: torch.dtype) -> torch.Te
     return body_tensor(body, at, count, dtype)
 
 
-def _decompress(data: memoryview, expected: int) -> bytes:
-    try:
-        out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=expected)
-    except zstandard.ZstdError as error:
-        raise CorruptBlob(f"the codes' zstd frame does not decompress: {error}") from error
-    return out
+def _code_parts(packed: torch.Tensor, entropy: str) -> list[np.ndarray]:
+    """Packed codes as the entropy stage's parts: keys and values apart (their codes follow
+    different distributions), or one part when they are bit packed."""
+    flat = packed.cpu().numpy()
+    return [flat] if entropy == "none" else np.split(flat, [flat.size // 2])

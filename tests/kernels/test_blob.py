@@ -37,6 +37,7 @@ def blobs() -> dict[str, bytes]:
         "none": encode(kv.half(), RawCodec()),
         "int8": encode(kv.bfloat16(), Int8Codec()),
         "cachegen": encode(kv.half(), CacheGenCodec()),
+        "cachegen-zstd": encode(kv.bfloat16(), CacheGenCodec(entropy="zstd", key_bits=[2, 5, 8])),
         "cachegen-packed-anchors": encode(kv, CacheGenCodec(entropy="none", anchor_group=4)),
     }
 
@@ -61,7 +62,9 @@ def corrupt(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
     return kind, bytes(data) if bytes(data) != blob else bytes(data[:-1])
 
 
-@pytest.mark.parametrize("codec", ["none", "int8", "cachegen", "cachegen-packed-anchors"])
+@pytest.mark.parametrize(
+    "codec", ["none", "int8", "cachegen", "cachegen-zstd", "cachegen-packed-anchors"]
+)
 def test_random_corruptions_always_raise_a_typed_error(codec):
     blob = blobs()[codec]
     rng = random.Random(f"corrupt-{codec}")

@@ -38,7 +38,7 @@ def error_bound(kv, codec: CacheGenCodec) -> torch.Tensor:
     return torch.stack([key_half, value_half], dim=1) + rounding
 
 
-@pytest.mark.parametrize("entropy", ["zstd", "none"])
+@pytest.mark.parametrize("entropy", ["ans", "zstd", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_error_is_at_most_half_a_step_of_each_stream(shape, dtype, entropy):
@@ -50,12 +50,12 @@ def test_error_is_at_most_half_a_step_of_each_stream(shape, dtype, entropy):
     assert bool((error <= error_bound(kv, codec) * 1.0001 + 1e-12).all())
 
 
-def test_both_entropy_stages_decode_to_the_same_kv_and_zstd_is_smaller():
+def test_every_entropy_stage_decodes_to_the_same_kv_and_ans_is_the_smallest():
     kv = sample_kv((4, 2, 256, 2, 64), torch.float16)
-    packed = encode(kv, CacheGenCodec(entropy="none"))
-    squeezed = encode(kv, CacheGenCodec(entropy="zstd"))
-    assert torch.equal(decode(packed), decode(squeezed))
-    assert len(squeezed) < len(packed)
+    blobs = {stage: encode(kv, CacheGenCodec(entropy=stage)) for stage in ("none", "zstd", "ans")}
+    assert torch.equal(decode(blobs["none"]), decode(blobs["zstd"]))
+    assert torch.equal(decode(blobs["none"]), decode(blobs["ans"]))
+    assert len(blobs["ans"]) < len(blobs["zstd"]) < len(blobs["none"])
 
 
 def test_more_bits_mean_less_error_and_more_bytes():
