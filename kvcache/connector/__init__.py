@@ -1,0 +1,1 @@
+"""The engine side of the cache: model helpers now, engine adapters (transformers, vLLM) later."""
