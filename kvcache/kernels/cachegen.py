@@ -167,8 +167,8 @@ class CacheGenCodec:
         self,
         key_bits: int | Sequence = 4,
         value_bits: int | Sequence = 6,
-        value_step: float = 1.0,
-        key_group: int = 64,
+        value_step: float = 0.8,
+        key_group: int = 128,
         anchor_group: int = 0,
         entropy: str = "ans",
     ) -> None:

@@ -1,0 +1,219 @@
+"""The engine-independent connector: find, load and store a prompt's KV by chunks.
+
+Token ids are cut into chunks of `chunk_tokens` and named by chained keys (`kvcache.core.keys`),
+so a key names its whole prefix and the longest cached prefix is the longest run of leading keys
+found. The local tier answers first; the cluster is asked once, in one batched lookup, for the
+keys after the local run. Loads decode each chunk's blob; stores go through the `StoreWorker` so
+a request never waits on the cluster. Every cluster failure turns into a miss: the engine then
+prefills, which is always correct.
+
+Adapters (transformers, vLLM) turn their engine's cache into KV tensors `[layers, 2, tokens,
+kv_heads, head_dim]` and back; this module knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcache.client.cluster import ClusterClient
+from kvcache.connector.local_tier import LocalTier
+from kvcache.connector.store_worker import StoreWorker
+from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace, chunk_keys
+from kvcache.kernels import decode, encode
+from kvcache.kernels.blob import BlobError
+from kvcache.kernels.codec import Codec
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    namespace: Namespace
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    local_bytes: int = 2 * GiB
+    store_queue: int = 64  # requests' worth of chunks waiting to be stored
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1 or self.local_bytes < 0 or self.store_queue < 1:
+            raise ValueError(f"bad connector config: {self}")
+
+
+@dataclass
+class ConnectorStats:
+    lookups: int = 0
+    lookup_tokens: int = 0
+    local_hit_tokens: int = 0
+    cluster_hit_tokens: int = 0
+    bytes_loaded_local: int = 0
+    bytes_loaded_cluster: int = 0
+    load_failures: int = 0
+    lookup_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """What `lookup` found: the prompt's chunk keys and how many leading ones are cached."""
+
+    keys: list[bytes]
+    local_chunks: int
+    cluster_chunks: int
+    chunk_tokens: int
+
+    @property
+    def chunks(self) -> int:
+        return self.local_chunks + self.cluster_chunks
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks * self.chunk_tokens
+
+
+@dataclass
+class _Clients:
+    """One cluster client per thread that talks to the cluster (ZeroMQ sockets are not thread
+    safe): the engine's thread looks up and loads, the store worker puts."""
+
+    factory: Callable[[], ClusterClient] | None
+    by_role: dict[str, ClusterClient] = field(default_factory=dict)
+
+    def get(self, role: str) -> ClusterClient | None:
+        if self.factory is None:
+            return None
+        if role not in self.by_role:
+            self.by_role[role] = self.factory()
+        return self.by_role[role]
+
+    def close(self) -> None:
+        for client in self.by_role.values():
+            client.close()
+
+
+class Connector:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        codec: Codec,
+        cluster: Callable[[], ClusterClient] | None,
+    ) -> None:
+        """`cluster` makes a client for the cluster (called once per thread that needs one);
+        None runs with the local tier alone."""
+        self.config = config
+        self.codec = codec
+        self.local = LocalTier(config.local_bytes)
+        self.stats = ConnectorStats()
+        self._clients = _Clients(cluster)
+        self.store_worker = StoreWorker(self._encode, self._store_blobs, config.store_queue)
+
+    def close(self) -> None:
+        self.store_worker.close()
+        self._clients.close()
+
+    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        return chunk_keys(token_ids, self.config.namespace, self.config.chunk_tokens)
+
+    def lookup(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixHit:
+        """The longest cached prefix of `token_ids` (at most `max_tokens` tokens), in chunks."""
+        started = time.perf_counter()
+        usable = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
+        keys = self.keys(token_ids[:usable])
+        local = self.local.prefix_length(keys)
+        remote = 0
+        client = self._clients.get("engine")
+        if client is not None and local < len(keys):
+            try:
+                remote = client.lookup_prefix(keys[local:])
+            except Exception:  # noqa: BLE001 - a cluster that fails is a cluster that misses
+                log.warning("cluster lookup failed; prefilling", exc_info=True)
+        self.stats.lookups += 1
+        self.stats.lookup_tokens += len(token_ids)
+        self.stats.lookup_seconds += time.perf_counter() - started
+        return PrefixHit(keys, local, remote, self.config.chunk_tokens)
+
+    def load(self, hit: PrefixHit, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """KV `[layers, 2, tokens, heads, head_dim]` of the hit's chunks, or of the longest run of
+        them that could still be read and decoded (a chunk may be evicted or corrupt between
+        lookup and load); None if not even the first chunk could."""
+        started = time.perf_counter()
+        blobs: list[bytes] = []
+        for key in hit.keys[: hit.local_chunks]:
+            blob = self.local.get(key)
+            if blob is None:
+                break
+            blobs.append(blob)
+            self.stats.bytes_loaded_local += len(blob)
+        local_blobs = len(blobs)
+        if local_blobs == hit.local_chunks and hit.cluster_chunks:
+            blobs += self._fetch(hit.keys[local_blobs : hit.chunks])
+        parts: list[torch.Tensor] = []
+        for blob in blobs:
+            try:
+                parts.append(decode(blob, device))
+            except BlobError:
+                log.warning("a cached chunk does not decode; prefilling from there", exc_info=True)
+                self.stats.load_failures += 1
+                break
+        loaded = len(parts)
+        # what came from the cluster is kept close; the whole chain counts as just used
+        self.local.put_chain(hit.keys[local_blobs:loaded], blobs[local_blobs:loaded])
+        self.local.touch_chain(hit.keys[:loaded])
+        self.stats.local_hit_tokens += min(loaded, local_blobs) * hit.chunk_tokens
+        self.stats.cluster_hit_tokens += max(0, loaded - local_blobs) * hit.chunk_tokens
+        self.stats.load_seconds += time.perf_counter() - started
+        return torch.cat(parts, dim=2) if parts else None
+
+    def store(self, token_ids: Sequence[int], kv: torch.Tensor, cached_tokens: int = 0) -> int:
+        """Queue the full chunks of `kv` (the KV of `token_ids`) past the first `cached_tokens`
+        tokens for storing; returns how many chunks were queued (0 when the queue was full)."""
+        size = self.config.chunk_tokens
+        keys = self.keys(token_ids[: kv.shape[2]])
+        first = cached_tokens // size
+        if first >= len(keys):
+            return 0
+        chunks = [
+            kv[:, :, index * size : (index + 1) * size].detach().to("cpu", copy=True)
+            for index in range(first, len(keys))
+        ]
+        accepted = self.store_worker.submit(keys[first:], chunks)
+        return len(chunks) if accepted else 0
+
+    def _fetch(self, keys: list[bytes]) -> list[bytes]:
+        """Leading blobs of `keys` that the cluster returns (stops at the first miss)."""
+        client = self._clients.get("engine")
+        try:
+            values = client.get(keys) if client is not None else []
+        except Exception:  # noqa: BLE001 - a failing cluster is a miss
+            log.warning("cluster get failed; prefilling", exc_info=True)
+            return []
+        blobs = []
+        for value in values:
+            if value is None:
+                break
+            blob = bytes(value)
+            self.stats.bytes_loaded_cluster += len(blob)
+            blobs.append(blob)
+        return blobs
+
+    def _encode(self, chunk: torch.Tensor) -> bytes:
+        return encode(chunk.to(_dtype(self.config.namespace.kv_dtype)), self.codec)
+
+    def _store_blobs(self, keys: list[bytes], blobs: list[bytes]) -> int:
+        self.local.put_chain(keys, blobs)
+        client = self._clients.get("store")
+        if client is None:
+            return 0
+        stored = client.put(keys, blobs)
+        return sum(len(blob) for blob, ok in zip(blobs, stored) if ok)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"namespace kv_dtype {name!r} is not a torch dtype")
+    return dtype
