@@ -29,16 +29,28 @@ def _rint(y):
 
 
 @triton.jit
+def _stream(bits_ptr, width_ptr, layers, heads):
+    """This program's stream (axis 0: K or V, layer, head, in that order), its bit width and
+    its packed width."""
+    stream = tl.program_id(0)
+    bits = tl.load(bits_ptr + stream)
+    width = tl.load(width_ptr + stream)
+    return (
+        stream,
+        stream // (layers * heads),
+        (stream // heads) % layers,
+        stream % heads,
+        bits,
+        width,
+    )
+
+
+@triton.jit
 def _quantize_pack_kernel(
     src_ptr, lo_ptr, key_step_ptr, value_step_ptr, bits_ptr, width_ptr, offset_ptr, out_ptr,
     layers, tokens, heads, head_dim, groups, key_group, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    stream = tl.program_id(0)
-    slot = stream // (layers * heads)
-    layer = (stream // heads) % layers
-    head = stream % heads
-    bits = tl.load(bits_ptr + stream)
-    width = tl.load(width_ptr + stream)
+    stream, slot, layer, head, bits, width = _stream(bits_ptr, width_ptr, layers, heads)
     count = tokens * head_dim
     byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_stream = byte < (count * width + 7) // 8
@@ -74,12 +86,7 @@ def _unpack_dequantize_kernel(
     layers, tokens, heads, head_dim, groups, key_group,
     OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    stream = tl.program_id(0)
-    slot = stream // (layers * heads)
-    layer = (stream // heads) % layers
-    head = stream % heads
-    bits = tl.load(bits_ptr + stream)
-    width = tl.load(width_ptr + stream)
+    stream, slot, layer, head, bits, width = _stream(bits_ptr, width_ptr, layers, heads)
     offset = tl.load(offset_ptr + stream)
     count = tokens * head_dim
     index = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
