@@ -1,12 +1,22 @@
 """Shared fixtures: real cache node processes and a real etcd server on loopback, always stopped
-after the test (etcd after the session)."""
+after the test (etcd after the session).
+
+Triton kernels run on the CPU through Triton's interpreter wherever no GPU is present. That must
+be chosen before anything imports `triton` (the codecs do, and tests of several packages import
+the codecs), hence here, in the conftest pytest loads first.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvcache.cachenode.launcher import LocalCluster, NodeProcess, free_port
 from kvcache.local_etcd import LocalEtcd
