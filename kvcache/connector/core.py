@@ -26,7 +26,7 @@ from kvcache.connector.store_worker import StoreWorker
 from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace, chunk_keys
 from kvcache.kernels import decode, encode
 from kvcache.kernels.blob import BlobError
-from kvcache.kernels.codec import Codec
+from kvcache.kernels.codec import DTYPES, Codec
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -42,6 +42,8 @@ class ConnectorConfig:
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1 or self.local_bytes < 0 or self.store_queue < 1:
             raise ValueError(f"bad connector config: {self}")
+        if self.namespace.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype {self.namespace.kv_dtype!r} is not one of {sorted(DTYPES)}")
 
 
 @dataclass
@@ -201,7 +203,7 @@ class Connector:
         return blobs
 
     def _encode(self, chunk: torch.Tensor) -> bytes:
-        return encode(chunk.to(_dtype(self.config.namespace.kv_dtype)), self.codec)
+        return encode(chunk.to(DTYPES[self.config.namespace.kv_dtype]), self.codec)
 
     def _store_blobs(self, keys: list[bytes], blobs: list[bytes]) -> int:
         self.local.put_chain(keys, blobs)
@@ -210,10 +212,3 @@ class Connector:
             return 0
         stored = client.put(keys, blobs)
         return sum(len(blob) for blob, ok in zip(blobs, stored) if ok)
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"namespace kv_dtype {name!r} is not a torch dtype")
-    return dtype

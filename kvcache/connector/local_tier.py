@@ -4,8 +4,8 @@ It answers before the cluster does, so a prompt this engine saw recently moves n
 network (LMCache's local CPU backend plays the same part). A hard byte budget with LRU eviction
 bounds it; a blob larger than the whole budget is not kept. A prompt's chunks are worth less
 the deeper they sit (every reuse needs the first ones), so `put_chain` and `touch_chain` make a
-chain's first chunk its most recent: eviction takes the deep end of a chain first. The store worker writes while the
-engine reads, hence the lock.
+chain's first chunk its most recent: eviction takes the deep end of a chain first. The store
+worker writes while the engine reads, hence the lock.
 """
 
 from __future__ import annotations

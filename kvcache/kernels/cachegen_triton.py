@@ -16,16 +16,9 @@ import triton
 import triton.language as tl
 
 from kvcache.kernels.bitpack import stream_offsets
+from kvcache.kernels.triton_math import round_half_even, store_as
 
-# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to an integer, ties to
-# even, as torch.round does (larger magnitudes are clamped to the code range anyway).
-_ROUNDER = 12582912.0
 _BLOCK = 256
-
-
-@triton.jit
-def _rint(y):
-    return (y + _ROUNDER) - _ROUNDER
 
 
 @triton.jit
@@ -69,11 +62,13 @@ def _quantize_pack_kernel(
             p = ((layer * groups + token // key_group) * heads + head) * head_dim + channel
             lo = tl.load(lo_ptr + p, mask=valid, other=0.0)
             step = tl.load(key_step_ptr + p, mask=valid, other=1.0)
-            code = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x - lo, step)), 0.0), levels)
+            code = round_half_even(tl.math.div_rn(x - lo, step))
+            code = tl.minimum(tl.maximum(code, 0.0), levels)
         else:
             step = tl.load(value_step_ptr + (layer * tokens + token) * heads + head,
                            mask=valid, other=1.0)  # fmt: skip
-            code = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, step)), -qmax), qmax) + qmax
+            code = round_half_even(tl.math.div_rn(x, step))
+            code = tl.minimum(tl.maximum(code, -qmax), qmax) + qmax
         code = tl.where(valid, code.to(tl.int32), 0)
         packed = packed | (((code >> (bit % width)) & 1) << k)
     offset = tl.load(offset_ptr + stream)
@@ -110,13 +105,7 @@ def _unpack_dequantize_kernel(
                        mask=valid, other=1.0)  # fmt: skip
         value = (code.to(tl.float32) - qmax) * step
     target = (((layer * 2 + slot) * tokens + token) * heads + head) * head_dim + channel
-    if OUT_BF16:
-        # Round to nearest even by hand: Triton's interpreter truncates float32 to bfloat16.
-        raw = value.to(tl.uint32, bitcast=True)
-        raw = (raw + 0x7FFF + ((raw >> 16) & 1)) >> 16
-        tl.store(out_ptr + target, raw.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=valid)
-    else:
-        tl.store(out_ptr + target, value.to(out_ptr.dtype.element_ty), mask=valid)
+    store_as(out_ptr + target, value, valid, OUT_BF16)
 
 
 def _stream_args(bits: torch.Tensor, widths: list[int], count: int):

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kvcache.kernels.blob import BlobHeader, CorruptBlob
 from kvcache.kernels.codec import DTYPES, body_tensor, register, tensor_bytes
+from kvcache.kernels.triton_math import round_half_even, store_as
 
 QMAX = 127
 SCALE_LAYOUTS = ("channel", "token")
@@ -49,9 +50,6 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.
     return (codes.float() * scale).to(dtype)
 
 
-# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest integer,
-# ties to even, exactly like torch.round, on every backend.
-_ROUNDER = 12582912.0
 _BLOCK_ROW = 256
 _BLOCK_TOKENS = 16
 _BLOCK_CHANNELS = 64
@@ -61,7 +59,7 @@ _BLOCK_ELEMENTS = 1024
 @triton.jit
 def _codes_of(x, scale):
     y = tl.math.div_rn(x, scale)
-    rounded = (y + _ROUNDER) - _ROUNDER
+    rounded = round_half_even(y)
     return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
 
 
@@ -134,13 +132,7 @@ def _dequantize_kernel(
     scale = tl.load(scale_ptr + scale_index, mask=mask, other=1.0)
     target = layer * 2 * tokens * row_size + slot * tokens * row_size + index % (tokens * row_size)
     value = codes * scale
-    if OUT_BF16:
-        # Round to nearest even by hand: Triton's interpreter truncates float32 to bfloat16.
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + target, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + target, value.to(out_ptr.dtype.element_ty), mask=mask)
+    store_as(out_ptr + target, value, mask, OUT_BF16)
 
 
 def quantize_kernel(kv: torch.Tensor, slot: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
