@@ -13,6 +13,7 @@ kv_heads, head_dim]` and back; this module knows nothing of either.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -117,14 +118,22 @@ class Connector:
         self.store_worker.close()
         self._clients.close()
 
-    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
-        return chunk_keys(token_ids, self.config.namespace, self.config.chunk_tokens)
+    def keys(self, token_ids: Sequence[int], salt: str | None = None) -> list[bytes]:
+        """Chunk keys of `token_ids`; a request's `salt` (vLLM's `cache_salt`) is added to the
+        tenant salt, so salted requests share KV only with requests of the same salt."""
+        namespace = self.config.namespace
+        if salt:
+            salted = namespace.tenant_salt + b"\x00" + salt.encode("utf-8")
+            namespace = dataclasses.replace(namespace, tenant_salt=salted)
+        return chunk_keys(token_ids, namespace, self.config.chunk_tokens)
 
-    def lookup(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixHit:
+    def lookup(
+        self, token_ids: Sequence[int], max_tokens: int | None = None, salt: str | None = None
+    ) -> PrefixHit:
         """The longest cached prefix of `token_ids` (at most `max_tokens` tokens), in chunks."""
         started = time.perf_counter()
         usable = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
-        keys = self.keys(token_ids[:usable])
+        keys = self.keys(token_ids[:usable], salt)
         local = self.local.prefix_length(keys)
         remote = 0
         client = self._clients.get("engine")
@@ -170,20 +179,37 @@ class Connector:
         self.stats.load_seconds += time.perf_counter() - started
         return torch.cat(parts, dim=2) if parts else None
 
+    def load_keys(
+        self, keys: list[bytes], device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
+        """`load` for a run of chunk keys that may start past a prompt's first chunk (a key names
+        its whole prefix, so any run of a chain loads on its own)."""
+        local = self.local.prefix_length(keys)
+        return self.load(
+            PrefixHit(keys, local, len(keys) - local, self.config.chunk_tokens), device
+        )
+
     def store(self, token_ids: Sequence[int], kv: torch.Tensor, cached_tokens: int = 0) -> int:
         """Queue the full chunks of `kv` (the KV of `token_ids`) past the first `cached_tokens`
         tokens for storing; returns how many chunks were queued (0 when the queue was full)."""
         size = self.config.chunk_tokens
         keys = self.keys(token_ids[: kv.shape[2]])
         first = cached_tokens // size
-        if first >= len(keys):
+        return self.store_chunks(keys[first:], kv[:, :, first * size : len(keys) * size])
+
+    def store_chunks(self, keys: list[bytes], kv: torch.Tensor) -> int:
+        """Queue `kv`, the KV of the chunks named by `keys` back to back, for storing; returns
+        how many chunks were queued (0 when there were none or the queue was full)."""
+        size = self.config.chunk_tokens
+        if not keys:
             return 0
+        if kv.shape[2] != len(keys) * size:
+            raise ValueError(f"{len(keys)} chunk keys need {len(keys) * size} tokens of KV")
         chunks = [
             kv[:, :, index * size : (index + 1) * size].detach().to("cpu", copy=True)
-            for index in range(first, len(keys))
+            for index in range(len(keys))
         ]
-        accepted = self.store_worker.submit(keys[first:], chunks)
-        return len(chunks) if accepted else 0
+        return len(chunks) if self.store_worker.submit(keys, chunks) else 0
 
     def _fetch(self, keys: list[bytes]) -> list[bytes]:
         """Leading blobs of `keys` that the cluster returns (stops at the first miss)."""

@@ -67,6 +67,13 @@ def codec_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def codec_by_name(name: str) -> Codec:
+    """The named codec with its default settings."""
+    if name not in _REGISTRY:
+        raise ValueError(f"codec {name!r} is not one of {codec_names()}")
+    return _REGISTRY[name]()
+
+
 def check_kv(kv: torch.Tensor) -> None:
     if not isinstance(kv, torch.Tensor):
         raise ValueError(f"KV must be a torch.Tensor, got {type(kv).__name__}")

@@ -1,0 +1,80 @@
+"""Where the vLLM adapter finds its cluster and how it stores: `kv_connector_extra_config` first,
+then `KVCACHE_*` environment variables (what the operator sets on the engines it joins), then
+defaults. Unknown keys are refused by name, so a typo fails at engine start, not silently."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvcache.client.cluster import ClusterClient
+from kvcache.core.config import ClientConfig, EtcdConfig, parse_bytes
+from kvcache.core.keys import DEFAULT_CHUNK_TOKENS
+from kvcache.core.ring import Member
+from kvcache.kernels import codec_names
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    members: str = ""  # static members "n0=tcp://host:port,n1=..."; or etcd below
+    etcd: str = ""  # etcd "host:port" where the cluster's members register
+    cluster: str = "default"  # the cluster's name in etcd
+    codec: str = "cachegen"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    local_bytes: int = 2 * GiB
+    replicas: int = 1
+    model: str = ""  # the model's name in chunk keys; default: vLLM's served model name
+    tenant_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.codec not in codec_names():
+            raise ValueError(f"kvcache codec {self.codec!r} is not one of {codec_names()}")
+        if self.chunk_tokens < 1 or self.local_bytes < 0 or self.replicas < 1:
+            raise ValueError(f"bad kvcache settings: {self}")
+        self.member_list()  # malformed members fail here
+
+    @classmethod
+    def from_sources(
+        cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] = os.environ
+    ) -> VllmSettings:
+        known = {field.name: field for field in fields(cls)}
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(f"unknown kvcache setting(s) {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, field in known.items():
+            raw = extra.get(name, env.get(f"KVCACHE_{name.upper()}"))
+            if raw is None:
+                continue
+            if name == "local_bytes":
+                values[name] = parse_bytes(raw)
+            elif field.type == "int":
+                values[name] = int(raw)
+            else:
+                values[name] = str(raw)
+        return cls(**values)
+
+    def member_list(self) -> list[Member]:
+        members = []
+        for entry in filter(None, (part.strip() for part in self.members.split(","))):
+            node_id, sep, address = entry.partition("=")
+            if not sep or not address.startswith("tcp://"):
+                raise ValueError(f"kvcache member {entry!r} is not node_id=tcp://host:port")
+            members.append(Member(node_id, address))
+        return members
+
+    def client_factory(self) -> Callable[[], ClusterClient] | None:
+        """Makes a cluster client; None when no cluster is configured (local tier only)."""
+        config = ClientConfig(replicas=self.replicas)
+        if self.etcd:
+            etcd = EtcdConfig(self.etcd, self.cluster)
+            return lambda: ClusterClient.from_etcd(etcd, config)
+        members = self.member_list()
+        if members:
+            return lambda: ClusterClient(members, config)
+        return None

@@ -1,0 +1,126 @@
+"""The vLLM adapter against real vLLM (the CPU build): two engines in separate processes share one
+cluster, and the second serves a prompt whose prefix the first computed by loading it instead of
+prefilling, with the same greedy tokens as a cold run. Also the paged layout against the CPU
+attention backend's own view of its cache, and the adapter's settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcache.client.cluster import ClusterClient
+from kvcache.connector.paged import PagedKV
+from kvcache.connector.vllm_settings import VllmSettings
+from kvcache.core.keys import Namespace, chunk_keys
+
+ENGINE = Path(__file__).with_name("vllm_engine.py")
+SHARED_TOKENS = 1100  # not a multiple of the chunk: the last partial chunk is recomputed
+VOCAB = 2048
+
+
+def cpu_backend_view(layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values exactly as vLLM's CPU attention backend slices its cache."""
+    blocks, heads, block_size, _ = layer.shape
+    return layer.view(blocks, heads, block_size * 2, -1).chunk(2, dim=2)
+
+
+def test_paged_kv_reads_and_writes_what_the_cpu_backend_sees():
+    block_size, heads, head_dim = 4, 2, 3
+    layers = [torch.zeros(6, heads, block_size, 2 * head_dim) for _ in range(2)]
+    paged = PagedKV(layers, block_size)
+    block_ids = [5, 1, 3]  # a request's blocks, in token order
+    kv = torch.randn(2, 2, 9, heads, head_dim)  # tokens 2..10
+    paged.scatter(kv, block_ids, start=2)
+    for layer, expected in zip(layers, kv):
+        keys, values = cpu_backend_view(layer)
+        for token in range(2, 11):
+            block, offset = block_ids[token // block_size], token % block_size
+            assert torch.equal(keys[block, :, offset], expected[0, token - 2])
+            assert torch.equal(values[block, :, offset], expected[1, token - 2])
+    assert torch.equal(paged.gather(block_ids, 2, 11), kv)
+    assert not layers[0][[0, 2, 4]].any()  # blocks the request does not own are untouched
+    with pytest.raises(ValueError, match="need 3 blocks"):
+        paged.gather(block_ids[:2], 0, 9)
+
+
+def test_settings_come_from_extra_config_then_env_and_refuse_unknown_keys():
+    env = {"KVCACHE_ETCD": "10.0.0.1:2379", "KVCACHE_CLUSTER": "prod", "KVCACHE_CODEC": "int8"}
+    settings = VllmSettings.from_sources({"codec": "none", "local_bytes": "1Gi"}, env)
+    assert (settings.etcd, settings.cluster, settings.codec) == ("10.0.0.1:2379", "prod", "none")
+    assert settings.local_bytes == 1 << 30
+    with pytest.raises(ValueError, match="unknown kvcache setting.*'membrs'"):
+        VllmSettings.from_sources({"membrs": "n0=tcp://a:1"}, {})
+    with pytest.raises(ValueError, match="codec 'zip'"):
+        VllmSettings.from_sources({"codec": "zip"}, {})
+    with pytest.raises(ValueError, match="node_id=tcp://host:port"):
+        VllmSettings.from_sources({"members": "n0=a:1"}, {})
+    assert VllmSettings.from_sources({}, {}).client_factory() is None
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama saved locally (no download): vLLM serves it on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def run_engine(model: Path, prompts: list[dict], members: str, tmp: Path, name: str) -> list[dict]:
+    prompts_file, out_file = tmp / f"{name}-prompts.json", tmp / f"{name}-out.json"
+    prompts_file.write_text(json.dumps(prompts))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    command = [sys.executable, str(ENGINE), str(model), str(prompts_file), str(out_file)]
+    done = subprocess.run(
+        [*command, "--members", members], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out_file.read_text())
+
+
+@pytest.mark.timeout(900)
+def test_a_second_engine_loads_the_prefix_the_first_computed(start_cluster, tiny_llama, tmp_path):
+    cluster = start_cluster(2, memory_bytes=128 << 20)
+    members = ",".join(f"{m.node_id}={m.address}" for m in cluster.members)
+    rng = random.Random(3)
+    shared = [rng.randrange(VOCAB) for _ in range(SHARED_TOKENS)]
+    first = shared + [rng.randrange(VOCAB) for _ in range(40)]
+    second = shared + [rng.randrange(VOCAB) for _ in range(60)]
+    # engine A computes `first` and stores its chunks; `second` under a salt of its own is the
+    # cold reference: neither vLLM's prefix cache nor the cluster has anything for it
+    a = run_engine(
+        tiny_llama,
+        [{"tokens": first}, {"tokens": second, "salt": "cold"}],
+        members, tmp_path, "a",
+    )  # fmt: skip
+    assert [r["num_cached_tokens"] for r in a] == [0, 0]
+
+    namespace = Namespace(model="tiny-llama", kv_dtype="float32")
+    keys = chunk_keys(first, namespace, 256)
+    with ClusterClient(cluster.members) as client:
+        assert client.lookup_prefix(keys) == len(first) // 256  # stored before A exited
+
+    # engine B, a fresh process with an empty prefix cache, loads the shared prefix
+    b = run_engine(
+        tiny_llama,
+        [{"tokens": second}, {"tokens": second, "salt": "another tenant"}],
+        members, tmp_path, "b",
+    )  # fmt: skip
+    loaded = b[0]["num_cached_tokens"]
+    assert loaded == SHARED_TOKENS // 256 * 256 and loaded >= 0.9 * SHARED_TOKENS
+    assert b[0]["tokens"] == a[1]["tokens"]
+    assert b[1]["num_cached_tokens"] == 0  # another salt shares nothing
+    assert b[1]["tokens"] == a[1]["tokens"]
