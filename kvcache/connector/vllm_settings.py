@@ -16,6 +16,7 @@ from kvcache.core.ring import Member
 from kvcache.kernels import codec_names
 
 GiB = 1 << 30
+_PARSERS: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str}
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,23 @@ class VllmSettings:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     local_bytes: int = 2 * GiB
     replicas: int = 1
+    # a cluster call the engine waits on gives up after this; a node that did is skipped for
+    # `down_backoff_s`, so a dead cluster costs a request at most one short stall in a while
+    timeout_s: float = 0.5
+    down_backoff_s: float = 5.0
     model: str = ""  # the model's name in chunk keys; default: vLLM's served model name
     tenant_salt: str = ""
 
     def __post_init__(self) -> None:
         if self.codec not in codec_names():
             raise ValueError(f"kvcache codec {self.codec!r} is not one of {codec_names()}")
-        if self.chunk_tokens < 1 or self.local_bytes < 0 or self.replicas < 1:
+        if (
+            self.chunk_tokens < 1
+            or self.local_bytes < 0
+            or self.replicas < 1
+            or not self.timeout_s > 0
+            or self.down_backoff_s < 0
+        ):
             raise ValueError(f"bad kvcache settings: {self}")
         self.member_list()  # malformed members fail here
 
@@ -51,12 +62,8 @@ class VllmSettings:
             raw = extra.get(name, env.get(f"KVCACHE_{name.upper()}"))
             if raw is None:
                 continue
-            if name == "local_bytes":
-                values[name] = parse_bytes(raw)
-            elif field.type == "int":
-                values[name] = int(raw)
-            else:
-                values[name] = str(raw)
+            parse = parse_bytes if name == "local_bytes" else _PARSERS[str(field.type)]
+            values[name] = parse(raw)
         return cls(**values)
 
     def member_list(self) -> list[Member]:
@@ -70,7 +77,9 @@ class VllmSettings:
 
     def client_factory(self) -> Callable[[], ClusterClient] | None:
         """Makes a cluster client; None when no cluster is configured (local tier only)."""
-        config = ClientConfig(replicas=self.replicas)
+        config = ClientConfig(
+            timeout_s=self.timeout_s, down_backoff_s=self.down_backoff_s, replicas=self.replicas
+        )
         if self.etcd:
             etcd = EtcdConfig(self.etcd, self.cluster)
             return lambda: ClusterClient.from_etcd(etcd, config)

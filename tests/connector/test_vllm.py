@@ -79,7 +79,10 @@ def tiny_llama(tmp_path_factory) -> Path:
     return path
 
 
-def run_engine(model: Path, prompts: list[dict], members: str, tmp: Path, name: str) -> list[dict]:
+def run_engine(
+    model: Path, prompts: list[dict], members: str, tmp: Path, name: str
+) -> tuple[list[dict], str]:
+    """What the engine reported for each prompt, and its log."""
     prompts_file, out_file = tmp / f"{name}-prompts.json", tmp / f"{name}-out.json"
     prompts_file.write_text(json.dumps(prompts))
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -88,7 +91,7 @@ def run_engine(model: Path, prompts: list[dict], members: str, tmp: Path, name: 
         [*command, "--members", members], env=env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out_file.read_text())
+    return json.loads(out_file.read_text()), done.stdout + done.stderr
 
 
 @pytest.mark.timeout(900)
@@ -96,31 +99,51 @@ def test_a_second_engine_loads_the_prefix_the_first_computed(start_cluster, tiny
     cluster = start_cluster(2, memory_bytes=128 << 20)
     members = ",".join(f"{m.node_id}={m.address}" for m in cluster.members)
     rng = random.Random(3)
-    shared = [rng.randrange(VOCAB) for _ in range(SHARED_TOKENS)]
-    first = shared + [rng.randrange(VOCAB) for _ in range(40)]
-    second = shared + [rng.randrange(VOCAB) for _ in range(60)]
-    # engine A computes `first` and stores its chunks; `second` under a salt of its own is the
-    # cold reference: neither vLLM's prefix cache nor the cluster has anything for it
-    a = run_engine(
+
+    def tokens(count: int) -> list[int]:
+        return [rng.randrange(VOCAB) for _ in range(count)]
+
+    shared, other = tokens(SHARED_TOKENS), tokens(SHARED_TOKENS)
+    first, second = shared + tokens(40), shared + tokens(60)
+    other_first, other_second = other + tokens(30), other + tokens(50)
+    # Engine A computes `first` and `other_first` and stores their chunks. The `second` prompts
+    # under a salt of their own are the cold references: neither vLLM's prefix cache nor the
+    # cluster has anything for them.
+    a, _ = run_engine(
         tiny_llama,
-        [{"tokens": first}, {"tokens": second, "salt": "cold"}],
+        [
+            {"tokens": first},
+            {"tokens": other_first},
+            {"tokens": second, "salt": "cold"},
+            {"tokens": other_second, "salt": "cold"},
+        ],
         members, tmp_path, "a",
     )  # fmt: skip
-    assert [r["num_cached_tokens"] for r in a] == [0, 0]
+    assert [r["num_cached_tokens"] for r in a] == [0, 0, 0, 0]
 
     namespace = Namespace(model="tiny-llama", kv_dtype="float32")
-    keys = chunk_keys(first, namespace, 256)
     with ClusterClient(cluster.members) as client:
-        assert client.lookup_prefix(keys) == len(first) // 256  # stored before A exited
+        for prompt in (first, other_first):  # stored before A exited
+            assert client.lookup_prefix(chunk_keys(prompt, namespace, 256)) == len(prompt) // 256
+        # one chunk of the other prefix turns to garbage: B must notice and recompute from there
+        broken = chunk_keys(other, namespace, 256)[2]
+        assert client.delete([broken]) == [True]
+        assert client.put([broken], [b"not a KV blob"]) == [True]
 
-    # engine B, a fresh process with an empty prefix cache, loads the shared prefix
-    b = run_engine(
+    # Engine B, a fresh process with an empty prefix cache, loads the shared prefixes.
+    b, log = run_engine(
         tiny_llama,
-        [{"tokens": second}, {"tokens": second, "salt": "another tenant"}],
+        [
+            {"tokens": second},
+            {"tokens": second, "salt": "another tenant"},
+            {"tokens": other_second},
+        ],
         members, tmp_path, "b",
     )  # fmt: skip
     loaded = b[0]["num_cached_tokens"]
     assert loaded == SHARED_TOKENS // 256 * 256 and loaded >= 0.9 * SHARED_TOKENS
-    assert b[0]["tokens"] == a[1]["tokens"]
+    assert b[0]["tokens"] == a[2]["tokens"]
     assert b[1]["num_cached_tokens"] == 0  # another salt shares nothing
-    assert b[1]["tokens"] == a[1]["tokens"]
+    assert b[1]["tokens"] == a[2]["tokens"]
+    assert "Recovered from KV load failure" in log  # vLLM was told, and recomputed
+    assert b[2]["tokens"] == a[3]["tokens"]  # from the two chunks before the broken one
