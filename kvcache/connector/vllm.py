@@ -236,6 +236,11 @@ class KVCacheConnector(KVConnectorBase_V1):
     # ---- worker side ----
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            # other backends lay out their pages differently; guessing would store wrong KV
+            raise NotImplementedError("kvcache's vLLM adapter reads the CPU backend's pages only")
         names = sorted(kv_caches, key=extract_layer_index)
         self._paged = PagedKV([kv_caches[name] for name in names], self._block_size)
 
