@@ -1,0 +1,1 @@
+"""The prefix-aware OpenAI-API router: discovery, prefix index, scoring, proxy."""

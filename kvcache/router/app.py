@@ -1,0 +1,193 @@
+"""The router's HTTP face: an OpenAI-compatible proxy in front of the engines.
+
+`/v1/completions` and `/v1/chat/completions` go to the engine the policy ranks first; the body is
+forwarded as received (bytes, never re-serialized) through one pooled aiohttp session, and a
+streamed answer is relayed chunk by chunk as the engine writes it. If the engine cannot be reached
+or answers 5xx before any byte reached the client, the next engine in the ranking gets the request.
+A client that goes away mid-stream closes the upstream connection, which makes vLLM abort the
+request instead of generating for no one. `/v1/models` asks any healthy engine; `/healthz` is ready
+while one engine is; `/metrics` is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from kvcache.router.engines import Engine, EnginePool, watching
+
+log = logging.getLogger(__name__)
+
+# hop-by-hop headers (RFC 9110 §7.6.1) and those the server recomputes
+_DROP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te",
+                 "upgrade", "proxy-connection", "content-encoding"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    path: str  # /v1/completions or /v1/chat/completions
+    payload: dict[str, Any]
+
+
+class Policy(Protocol):
+    def rank(self, request: RoutedRequest, engines: list[Engine]) -> list[Engine]:
+        """Healthy engines, best first."""
+        ...
+
+    def routed(self, request: RoutedRequest, engine: Engine) -> None:
+        """The request went to `engine` (the policy may expect its prefix there from now)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    max_attempts: int = 3
+    connect_timeout_s: float = 2.0
+    max_connections: int = 4096
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kvcache_router_requests", "requests by engine and outcome",
+            ["engine", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "kvcache_router_retries", "requests re-sent to the next engine", registry=self.registry
+        )
+        self.decision = Histogram(
+            "kvcache_router_decision_seconds", "time to rank the engines for a request",
+            buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2), registry=self.registry,
+        )  # fmt: skip
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
+
+
+def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None = None) -> FastAPI:
+    settings = settings or ProxySettings()
+    metrics = _Metrics()
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        ) as session:
+            state["session"] = session
+            async with watching(pool, session):
+                yield
+
+    app = FastAPI(title="kvcache router", lifespan=lifespan)
+    app.state.metrics = metrics
+
+    async def proxy(request: Request, path: str) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+            if not isinstance(payload, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as error:
+            return JSONResponse({"error": {"message": f"bad request body: {error}"}}, 400)
+        routed = RoutedRequest(path, payload)
+        started = time.perf_counter()
+        ranking = policy.rank(routed, pool.healthy())
+        metrics.decision.observe(time.perf_counter() - started)
+        if not ranking:
+            return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
+        headers = _forward_headers(request.headers)
+        session = state["session"]
+        last_error = "no engine answered"
+        for attempt, engine in enumerate(ranking[: settings.max_attempts]):
+            if attempt:
+                metrics.retries.inc()
+            engine.in_flight += 1
+            try:
+                upstream = await session.post(f"{engine.url}{path}", data=body, headers=headers)
+            except (TimeoutError, aiohttp.ClientError) as error:
+                engine.in_flight -= 1
+                pool.mark_failed(engine)
+                metrics.requests.labels(engine.name, "unreachable").inc()
+                last_error = f"engine {engine.name} unreachable: {error}"
+                continue
+            if upstream.status >= 500 and attempt + 1 < min(len(ranking), settings.max_attempts):
+                upstream.release()
+                engine.in_flight -= 1
+                metrics.requests.labels(engine.name, f"{upstream.status}").inc()
+                last_error = f"engine {engine.name} answered {upstream.status}"
+                continue
+            policy.routed(routed, engine)
+            metrics.requests.labels(engine.name, "ok").inc()
+            return StreamingResponse(
+                _relay(upstream, engine),
+                status_code=upstream.status,
+                headers=_forward_headers(upstream.headers),
+            )
+        return JSONResponse({"error": {"message": last_error}}, 502)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await proxy(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        for engine in pool.healthy():
+            try:
+                async with state["session"].get(f"{engine.url}/v1/models") as upstream:
+                    return Response(await upstream.read(), upstream.status,
+                                    media_type=upstream.content_type)  # fmt: skip
+            except (TimeoutError, aiohttp.ClientError):
+                pool.mark_failed(engine)
+        return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        healthy = len(pool.healthy())
+        body = {"healthy_engines": healthy, "engines": len(pool.engines)}
+        return JSONResponse(body, 200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _relay(upstream: aiohttp.ClientResponse, engine: Engine) -> AsyncIterator[bytes]:
+    """The engine's body as it arrives; if the client leaves, Starlette cancels this generator
+    and closing (not releasing) the response drops the connection, so the engine aborts."""
+    finished = False
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+        finished = True
+    finally:
+        engine.in_flight -= 1
+        if finished:
+            upstream.release()
+        else:
+            upstream.close()

@@ -1,0 +1,140 @@
+"""The router's proxy over real HTTP: uvicorn servers on loopback for the router and for instant
+fake engines. Forwarding, streaming chunk by chunk, retries before the first byte, engines that
+leave and rejoin the rotation, and a client that leaves mid-stream cancelling the engine's work."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from http_servers import ServerThread, free_port, serving, wait_for
+
+from kvcache.router.app import RoutedRequest, create_app
+from kvcache.router.engines import Engine, EnginePool, HealthSettings, parse_load
+from kvcache.testing.fake_engine import FakeEngineState
+from kvcache.testing.fake_engine import create_app as fake_engine
+
+
+class InOrder:
+    """Ranks the healthy engines in the pool's order (the proxy's mechanics under test, not the
+    choice); remembers where requests went."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def rank(self, request: RoutedRequest, engines: list[Engine]) -> list[Engine]:
+        return list(engines)
+
+    def routed(self, request: RoutedRequest, engine: Engine) -> None:
+        self.sent.append(engine.name)
+
+
+def pool_of(urls: list[str]) -> EnginePool:
+    pool = EnginePool(settings=HealthSettings(interval_s=0.1, timeout_s=0.5, unhealthy_after=2))
+    pool.set_engines(Engine(f"e{i}", url) for i, url in enumerate(urls))
+    return pool
+
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_requests_are_forwarded_and_streams_relayed_chunk_by_chunk():
+    states = [FakeEngineState("e0", chunks=5), FakeEngineState("e1")]
+    with serving(*(fake_engine(s) for s in states)) as engines:
+        policy = InOrder()
+        with serving(create_app(pool_of([e.url for e in engines]), policy)) as (router,):
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200
+            assert answer.json()["system_fingerprint"] == "e0"
+            with httpx.stream(
+                "POST", f"{router.url}/v1/completions", json={"prompt": "x", "stream": True}
+            ) as stream:
+                events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and len(events) == 6
+            assert json.loads(events[0][6:])["choices"][0]["text"] == " t0"
+            assert states[0].requests[-1] == {"prompt": "x", "stream": True}
+            assert policy.sent == ["e0", "e0"]
+            assert httpx.get(f"{router.url}/v1/models").json()["data"][0]["id"] == "fake"
+            assert httpx.get(f"{router.url}/healthz").json()["healthy_engines"] == 2
+            metrics = httpx.get(f"{router.url}/metrics").text
+            assert 'kvcache_router_requests_total{engine="e0",outcome="ok"} 2.0' in metrics
+
+
+def test_a_bad_body_is_refused_with_a_clear_error():
+    with serving(fake_engine(FakeEngineState("e0"))) as engines:
+        with serving(create_app(pool_of([engines[0].url]), InOrder())) as (router,):
+            answer = httpx.post(f"{router.url}/v1/completions", content=b"{not json")
+            assert answer.status_code == 400
+            assert "bad request body" in answer.json()["error"]["message"]
+            answer = httpx.post(f"{router.url}/v1/completions", json=[1, 2])
+            assert answer.status_code == 400
+
+
+def test_unreachable_and_failing_engines_are_skipped_before_the_first_byte():
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    failing, working = FakeEngineState("e1", fail_status=503), FakeEngineState("e2")
+    with serving(fake_engine(failing), fake_engine(working)) as (e1, e2):
+        policy = InOrder()
+        pool = pool_of([dead_url, e1.url, e2.url])
+        with serving(create_app(pool, policy)) as (router,):
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200 and answer.json()["system_fingerprint"] == "e2"
+            assert len(failing.requests) == 1 and len(working.requests) == 1
+            assert not pool.engines["e0"].healthy  # left the rotation at once
+            assert policy.sent == ["e2"]
+            assert "kvcache_router_retries_total 2.0" in httpx.get(f"{router.url}/metrics").text
+            # with every engine failing, the client gets the last engine's answer
+            working.fail_status = 500
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 500
+
+
+def test_engines_leave_the_rotation_within_seconds_and_come_back():
+    state = FakeEngineState("e0")
+    engine = ServerThread(fake_engine(state)).start()
+    pool = pool_of([engine.url])
+    with serving(create_app(pool, InOrder())) as (router,):
+        wait_for(lambda: httpx.get(f"{router.url}/healthz").status_code == 200, 5, "healthy")
+        engine.stop()
+        wait_for(lambda: not pool.engines["e0"].healthy, 3, "the dead engine to leave")
+        answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 503 and "no healthy engine" in answer.text
+        assert httpx.get(f"{router.url}/healthz").status_code == 503
+        engine = ServerThread(fake_engine(state), port=engine.port).start()
+        try:
+            wait_for(lambda: pool.engines["e0"].healthy, 3, "the engine to come back")
+            assert httpx.post(f"{router.url}/v1/chat/completions", json=CHAT).status_code == 200
+        finally:
+            engine.stop()
+
+
+def test_a_client_leaving_mid_stream_cancels_the_engines_work():
+    slow = FakeEngineState("e0", chunks=200, chunk_delay_s=0.02)
+    with serving(fake_engine(slow)) as engines:
+        pool = pool_of([engines[0].url])
+        with serving(create_app(pool, InOrder())) as (router,):
+            body = {**CHAT, "stream": True}
+            with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                assert slow.running == 1
+            wait_for(lambda: slow.abandoned_streams == 1, 5, "the engine to see the client leave")
+            assert slow.running == 0
+            wait_for(lambda: pool.engines["e0"].in_flight == 0, 5, "in-flight to drop")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('vllm:num_requests_running{model_name="m"} 3.0\n', (3.0, 0.0)),
+        (
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+            'vllm:num_requests_waiting{engine="1",model_name="m"} 1.0\n',
+            (0.0, 3.0),
+        ),
+    ],
+)
+def test_engine_load_is_read_from_vllm_gauges(text, expected):
+    assert parse_load(text) == expected
