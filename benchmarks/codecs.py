@@ -173,7 +173,7 @@ class Judge:
         parts = []
         for cut in self.cuts:
             fed = self.ids[:, cut - 1 : cut - 1 + CONTINUATION]
-            logits = self.model(fed, cache=smollm2.cache_of(kv, cut - 1)).logits
+            logits = self.model(fed, past_key_values=smollm2.cache_of(kv, cut - 1)).logits
             parts.append(torch.log_softmax(logits[0].float(), dim=-1))
         return torch.cat(parts)
 
@@ -192,7 +192,7 @@ class Judge:
             cache = smollm2.cache_of(kv, cut - 1)
             token, picked = self.ids[:, cut - 1 : cut], []
             for _ in range(GREEDY_TOKENS):
-                token = self.model(token, cache=cache).logits[:, -1:].argmax(-1)
+                token = self.model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
                 picked.append(token)
             runs.append(torch.cat(picked, dim=1)[0])
         return torch.stack(runs)
@@ -203,7 +203,9 @@ class Judge:
         runs = []
         for cut, exact in zip(self.greedy_cuts, self.exact_greedy):
             fed = torch.cat([self.ids[0, cut - 1 : cut], exact[:-1]])[None]
-            runs.append(self.model(fed, cache=smollm2.cache_of(kv, cut - 1)).logits[0].argmax(-1))
+            runs.append(
+                self.model(fed, past_key_values=smollm2.cache_of(kv, cut - 1)).logits[0].argmax(-1)
+            )
         return torch.stack(runs)
 
     def quality(self, kv: torch.Tensor) -> Quality:
@@ -286,7 +288,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     text = "\n\n".join(path.read_text() for path in sorted(TEXTS.glob("*.txt")))
     ids = tokenizer(text, return_tensors="pt").input_ids
     log(f"exact KV of {ids.shape[1]} tokens and its continuations")
-    exact = smollm2.kv_of(model(ids, use_cache=True).cache)
+    exact = smollm2.kv_of(model(ids, use_cache=True).past_key_values)
     stored = exact.half()
     judge = Judge(model, ids, exact)
     chunk = stored[:, :, :CHUNK_TOKENS].contiguous()

@@ -64,15 +64,23 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _up(args: argparse.Namespace) -> None:
-    from kvcache.up import run_local_demo
+    from kvcache.up import DemoSettings, run_local_demo
 
-    run_local_demo(
-        nodes=args.nodes,
-        memory_bytes=args.memory,
-        prompts=args.prompts,
-        with_etcd=args.etcd,
-        replicas=args.replicas,
-    )
+    try:
+        settings = DemoSettings(
+            nodes=args.nodes,
+            memory_bytes=args.memory,
+            with_etcd=args.etcd,
+            replicas=args.replicas,
+            codec=args.codec,
+            max_new_tokens=args.max_new_tokens,
+            requests=args.requests,
+            kill_cluster_after=args.kill_cluster_after,
+            local_bytes=args.local_memory,
+        )
+    except ValueError as error:
+        sys.exit(f"kvcache up: {error}")
+    run_local_demo(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.set_defaults(run=_node)
 
-    up = commands.add_parser("up", help="a local cluster of node processes and a demo workload")
+    up = commands.add_parser(
+        "up", help="a local cluster of node processes and two engines serving the real model on it"
+    )
     up.add_argument("--nodes", type=int, default=3, help="how many cache node processes")
     up.add_argument("--memory", type=parse_bytes, default="1Gi", help="memory budget of each node")
-    up.add_argument("--prompts", type=int, default=16, help="prompts in the demo workload")
     up.add_argument(
         "--etcd", action="store_true", help="start a local etcd; nodes register, the client watches"
     )
     up.add_argument("--replicas", type=int, default=1, help="copies of each chunk (distinct nodes)")
+    up.add_argument(
+        "--codec", default="cachegen", choices=["none", "int8", "cachegen"], help="KV compression"
+    )
+    up.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per request")
+    up.add_argument("--requests", type=int, default=None, help="serve only the first N requests")
+    up.add_argument(
+        "--kill-cluster-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop every cache node after N requests; the rest are served without the cluster",
+    )
+    up.add_argument(
+        "--local-memory",
+        type=parse_bytes,
+        default="2Gi",
+        help="each engine's local tier (0: every hit comes over the network)",
+    )
     up.set_defaults(run=_up)
 
     keys = commands.add_parser(

@@ -31,6 +31,10 @@ from kvcache.kernels.codec import DTYPES, Codec
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+# An engine waits on its cluster calls, so it gives up sooner than a plain client and skips a
+# node that timed out for longer: a dead cluster costs one short stall every few seconds.
+ENGINE_TIMEOUT_S = 0.5
+ENGINE_DOWN_BACKOFF_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,15 @@ def generate(
         if kv is not None:
             cache, cached = cache_of(kv.to(model.dtype)), kv.shape[2]
     fed = torch.tensor([list(prompt_ids[cached:])])
-    output = model(fed, cache=cache)
+    output = model(fed, past_key_values=cache)
     first_logits = output.logits[0, -1].float()
     token = int(first_logits.argmax())
     ttft = time.perf_counter() - started
     if connector is not None and store:
-        connector.store(prompt_ids, kv_of(output.cache), cached)
+        connector.store(prompt_ids, kv_of(output.past_key_values), cached)
     tokens = [token]
     while len(tokens) < max_new_tokens:
-        output = model(torch.tensor([[token]]), cache=output.cache)
+        output = model(torch.tensor([[token]]), past_key_values=output.past_key_values)
         token = int(output.logits[0, -1].argmax())
         tokens.append(token)
     return Generation(tokens, len(prompt_ids), cached, ttft, first_logits)

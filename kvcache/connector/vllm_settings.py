@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kvcache.client.cluster import ClusterClient
+from kvcache.connector.core import ENGINE_DOWN_BACKOFF_S, ENGINE_TIMEOUT_S
 from kvcache.core.config import ClientConfig, EtcdConfig, parse_bytes
 from kvcache.core.keys import DEFAULT_CHUNK_TOKENS
 from kvcache.core.ring import Member
@@ -28,10 +29,8 @@ class VllmSettings:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     local_bytes: int = 2 * GiB
     replicas: int = 1
-    # a cluster call the engine waits on gives up after this; a node that did is skipped for
-    # `down_backoff_s`, so a dead cluster costs a request at most one short stall in a while
-    timeout_s: float = 0.5
-    down_backoff_s: float = 5.0
+    timeout_s: float = ENGINE_TIMEOUT_S
+    down_backoff_s: float = ENGINE_DOWN_BACKOFF_S
     model: str = ""  # the model's name in chunk keys; default: vLLM's served model name
     tenant_salt: str = ""
 
