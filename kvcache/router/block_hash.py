@@ -1,0 +1,57 @@
+"""vLLM's prefix-cache block hashes, computed outside vLLM, so the router can hash a tokenized
+request exactly as the engine will and look the hashes up in the prefix index.
+
+This reproduces `hash_block_tokens` with `sha256_cbor` (`vllm/v1/core/kv_cache_utils.py`): block i
+hashes the CBOR (canonical) encoding of `(parent digest, token ids of block i, extra keys)` with
+SHA-256, where the first block's parent is `NONE_HASH = sha256(cbor(seed))` and the seed is the
+engine's `PYTHONHASHSEED` (vLLM 0.32 falls back to `"vllm-none-hash"` when it is unset). Only plain
+text prompts are covered: LoRA, multimodal inputs and `cache_salt` add extra keys, and vLLM's
+default `sha256` algorithm pickles, which no other process can reproduce, so engines run with
+`--prefix-caching-hash-algo sha256_cbor`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import cbor2
+
+# vLLM's seed for NONE_HASH when PYTHONHASHSEED is unset and the hash is cryptographic.
+VLLM_DEFAULT_HASH_SEED = "vllm-none-hash"
+
+_LOW_64 = (1 << 64) - 1
+
+
+def low_64_bits(digest: bytes) -> int:
+    """The block hash as vLLM publishes it in KV events (`maybe_convert_block_hash`): the digest
+    read big-endian, keeping its low 64 bits."""
+    return int.from_bytes(digest, "big") & _LOW_64
+
+
+@functools.lru_cache(maxsize=16)
+def root_digest(hash_seed: str) -> bytes:
+    """vLLM's NONE_HASH: the parent digest of every prompt's first block."""
+    return hashlib.sha256(cbor2.dumps(hash_seed, canonical=True)).digest()
+
+
+def block_digests(token_ids: Sequence[int], block_size: int, hash_seed: str) -> list[bytes]:
+    """The full 32-byte digest of each full block of `token_ids` (a partial last block has none,
+    as in vLLM)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, not {block_size}")
+    sha256, dumps = hashlib.sha256, cbor2.dumps
+    parent = root_digest(hash_seed)
+    digests: list[bytes] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = tuple(token_ids[start : start + block_size])
+        parent = sha256(dumps((parent, block, None), canonical=True)).digest()
+        digests.append(parent)
+    return digests
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, hash_seed: str) -> list[int]:
+    """The hashes vLLM publishes for the full blocks of `token_ids`: what `PrefixIndex.match`
+    takes."""
+    return [low_64_bits(digest) for digest in block_digests(token_ids, block_size, hash_seed)]
