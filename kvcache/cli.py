@@ -1,5 +1,5 @@
-"""The one `kvcache` command: `node` runs a cache node, `up` runs a local cluster and its demo,
-`keys` makes a CurveZMQ key pair."""
+"""The one `kvcache` command: `node` runs a cache node, `router` the prefix-aware router, `up` a
+local cluster and its demo, `keys` makes a CurveZMQ key pair."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvcache.core.config import EtcdConfig, NodeConfig, parse_bytes
+from kvcache.core.ring import Member
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -83,6 +84,43 @@ def _up(args: argparse.Namespace) -> None:
     run_local_demo(settings)
 
 
+def _router(args: argparse.Namespace) -> None:
+    from kvcache.router.policy import EngineEvents, PolicySettings
+    from kvcache.router.serve import ClusterSettings, RouterSettings, parse_named, serve
+
+    try:
+        engines = parse_named(args.engine, "engine")
+        replays = parse_named(args.engine_replay, "replay endpoint")
+        events = {
+            name: EngineEvents(endpoint, replays.get(name))
+            for name, endpoint in parse_named(args.engine_events, "events endpoint").items()
+        }
+        cluster = None
+        if args.cluster_etcd or args.cluster_members:
+            members = [
+                Member(name, address)
+                for name, address in parse_named(args.cluster_members, "member").items()
+            ]
+            cluster = ClusterSettings(
+                model=args.model or "",
+                etcd=args.cluster_etcd or "",
+                name=args.cluster,
+                members=tuple(members),
+                kv_dtype=args.kv_dtype,
+                chunk_tokens=args.chunk_tokens,
+            )
+        settings = RouterSettings(
+            engines=engines,
+            events=events,
+            tokenizer=args.tokenizer,
+            policy=PolicySettings(block_size=args.block_size, hash_seed=args.hash_seed),
+            cluster=cluster,
+        )
+    except ValueError as error:
+        sys.exit(f"kvcache router: {error}")
+    serve(settings, args.host, args.port, args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +176,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.set_defaults(run=_node)
+
+    router = commands.add_parser("router", help="the prefix-aware OpenAI-API router")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8080)
+    router.add_argument(
+        "--engine", action="append", required=True, help="NAME=URL of an engine (repeat)"
+    )
+    router.add_argument(
+        "--engine-events", action="append", default=[], help="NAME=tcp://host:port KV events"
+    )
+    router.add_argument(
+        "--engine-replay", action="append", default=[], help="NAME=tcp://host:port event replay"
+    )
+    router.add_argument("--tokenizer", help="the served model's tokenizer (directory)")
+    router.add_argument("--block-size", type=int, default=16, help="the engines' KV block size")
+    router.add_argument("--hash-seed", default="0", help="the engines' PYTHONHASHSEED")
+    router.add_argument("--cluster-etcd", default=_env("KVCACHE_ETCD"), help="etcd host:port")
+    router.add_argument("--cluster", default=_env("KVCACHE_CLUSTER", "default"))
+    router.add_argument(
+        "--cluster-members", action="append", default=[], help="NAME=tcp://host:port (repeat)"
+    )
+    router.add_argument("--model", help="the model's name in the connectors' chunk keys")
+    router.add_argument("--kv-dtype", default="bfloat16", help="the engines' KV dtype")
+    router.add_argument("--chunk-tokens", type=int, default=256)
+    router.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    router.set_defaults(run=_router)
 
     up = commands.add_parser(
         "up", help="a local cluster of node processes and two engines serving the real model on it"

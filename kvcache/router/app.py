@@ -11,6 +11,7 @@ while one engine is; `/metrics` is Prometheus text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -39,19 +40,23 @@ _DROP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-lengt
                  "upgrade", "proxy-connection", "content-encoding"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class RoutedRequest:
-    path: str  # /v1/completions or /v1/chat/completions
-    payload: dict[str, Any]
+class Decision(Protocol):
+    ranking: list[Engine]  # healthy engines, best first
 
 
 class Policy(Protocol):
-    def rank(self, request: RoutedRequest, engines: list[Engine]) -> list[Engine]:
-        """Healthy engines, best first."""
+    async def run(self) -> None:
+        """Background work while the app runs (following the engines' KV events)."""
         ...
 
-    def routed(self, request: RoutedRequest, engine: Engine) -> None:
-        """The request went to `engine` (the policy may expect its prefix there from now)."""
+    async def rank(self, path: str, payload: dict[str, Any], engines: list[Engine]) -> Decision: ...
+
+    def routed(self, decision: Decision, engine: Engine) -> None:
+        """The request went to `engine` (its prefix is expected there from now on)."""
+        ...
+
+    def engine_down(self, engine: Engine) -> None:
+        """`engine` left the rotation: what was known of its cache may be gone."""
         ...
 
 
@@ -86,6 +91,7 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
     settings = settings or ProxySettings()
     metrics = _Metrics()
     state: dict[str, aiohttp.ClientSession] = {}
+    pool.on_down = policy.engine_down
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,11 +101,18 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
             state["session"] = session
-            async with watching(pool, session):
-                yield
+            background = asyncio.create_task(policy.run())
+            try:
+                async with watching(pool, session):
+                    yield
+            finally:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
 
     app = FastAPI(title="kvcache router", lifespan=lifespan)
     app.state.metrics = metrics
+    app.state.pool, app.state.policy = pool, policy  # what the router knows, for inspection
 
     async def proxy(request: Request, path: str) -> Response:
         body = await request.body()
@@ -109,10 +122,10 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
                 raise ValueError("the body must be a JSON object")
         except ValueError as error:
             return JSONResponse({"error": {"message": f"bad request body: {error}"}}, 400)
-        routed = RoutedRequest(path, payload)
         started = time.perf_counter()
-        ranking = policy.rank(routed, pool.healthy())
+        decision = await policy.rank(path, payload, pool.healthy())
         metrics.decision.observe(time.perf_counter() - started)
+        ranking = decision.ranking
         if not ranking:
             return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
         headers = _forward_headers(request.headers)
@@ -122,10 +135,12 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
             if attempt:
                 metrics.retries.inc()
             engine.in_flight += 1
+            engine.awaiting_first_token += 1
             try:
                 upstream = await session.post(f"{engine.url}{path}", data=body, headers=headers)
             except (TimeoutError, aiohttp.ClientError) as error:
                 engine.in_flight -= 1
+                engine.awaiting_first_token -= 1
                 pool.mark_failed(engine)
                 metrics.requests.labels(engine.name, "unreachable").inc()
                 last_error = f"engine {engine.name} unreachable: {error}"
@@ -133,10 +148,11 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
             if upstream.status >= 500 and attempt + 1 < min(len(ranking), settings.max_attempts):
                 upstream.release()
                 engine.in_flight -= 1
+                engine.awaiting_first_token -= 1
                 metrics.requests.labels(engine.name, f"{upstream.status}").inc()
                 last_error = f"engine {engine.name} answered {upstream.status}"
                 continue
-            policy.routed(routed, engine)
+            policy.routed(decision, engine)
             metrics.requests.labels(engine.name, "ok").inc()
             return StreamingResponse(
                 _relay(upstream, engine),
@@ -180,13 +196,18 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
 async def _relay(upstream: aiohttp.ClientResponse, engine: Engine) -> AsyncIterator[bytes]:
     """The engine's body as it arrives; if the client leaves, Starlette cancels this generator
     and closing (not releasing) the response drops the connection, so the engine aborts."""
-    finished = False
+    first, finished = True, False
     try:
         async for chunk in upstream.content.iter_any():
+            if first:
+                engine.awaiting_first_token -= 1
+                first = False
             yield chunk
         finished = True
     finally:
         engine.in_flight -= 1
+        if first:
+            engine.awaiting_first_token -= 1
         if finished:
             upstream.release()
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -30,6 +30,7 @@ class Engine:
     url: str  # base URL, e.g. http://10.0.0.5:8000
     healthy: bool = True
     in_flight: int = 0  # requests this router sent that have not finished
+    awaiting_first_token: int = 0  # of those, the ones whose answer has not started
     running: float = 0.0  # from the engine's last scrape
     waiting: float = 0.0
     failed_scrapes: int = 0
@@ -60,6 +61,14 @@ def parse_load(metrics_text: str) -> tuple[float, float]:
 class EnginePool:
     engines: dict[str, Engine] = field(default_factory=dict)
     settings: HealthSettings = field(default_factory=HealthSettings)
+    on_down: Callable[[Engine], None] | None = None  # an engine left the rotation
+
+    def _down(self, engine: Engine, reason: object) -> None:
+        if engine.healthy:
+            log.warning("engine %s (%s) left the rotation: %s", engine.name, engine.url, reason)
+            if self.on_down is not None:
+                self.on_down(engine)
+        engine.healthy = False
 
     def set_engines(self, engines: Iterable[Engine]) -> None:
         """Replace the member list (discovery), keeping what is known of engines that stay."""
@@ -74,9 +83,7 @@ class EnginePool:
 
     def mark_failed(self, engine: Engine) -> None:
         """A request to it failed: out of the rotation until a scrape succeeds."""
-        if engine.healthy:
-            log.warning("engine %s (%s) left the rotation", engine.name, engine.url)
-        engine.healthy = False
+        self._down(engine, "a request failed")
         engine.failed_scrapes = max(engine.failed_scrapes, self.settings.unhealthy_after)
 
     async def scrape(self, session: aiohttp.ClientSession, engine: Engine) -> None:
@@ -87,9 +94,8 @@ class EnginePool:
                 engine.running, engine.waiting = parse_load(await response.text())
         except (TimeoutError, aiohttp.ClientError, ValueError) as error:
             engine.failed_scrapes += 1
-            if engine.healthy and engine.failed_scrapes >= self.settings.unhealthy_after:
-                log.warning("engine %s left the rotation: %s", engine.name, error or type(error))
-                engine.healthy = False
+            if engine.failed_scrapes >= self.settings.unhealthy_after:
+                self._down(engine, error or type(error).__name__)
             return
         if not engine.healthy:
             log.info("engine %s is back in the rotation", engine.name)

@@ -5,29 +5,42 @@ leave and rejoin the rotation, and a client that leaves mid-stream cancelling th
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import httpx
 import pytest
 from http_servers import ServerThread, free_port, serving, wait_for
 
-from kvcache.router.app import RoutedRequest, create_app
+from kvcache.router.app import create_app
 from kvcache.router.engines import Engine, EnginePool, HealthSettings, parse_load
 from kvcache.testing.fake_engine import FakeEngineState
 from kvcache.testing.fake_engine import create_app as fake_engine
 
 
+@dataclass
+class Ranking:
+    ranking: list[Engine]
+
+
 class InOrder:
     """Ranks the healthy engines in the pool's order (the proxy's mechanics under test, not the
-    choice); remembers where requests went."""
+    choice); remembers where requests went and which engines went down."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.down: list[str] = []
 
-    def rank(self, request: RoutedRequest, engines: list[Engine]) -> list[Engine]:
-        return list(engines)
+    async def run(self) -> None:
+        return
 
-    def routed(self, request: RoutedRequest, engine: Engine) -> None:
+    async def rank(self, path: str, payload: dict, engines: list[Engine]) -> Ranking:
+        return Ranking(list(engines))
+
+    def routed(self, decision: Ranking, engine: Engine) -> None:
         self.sent.append(engine.name)
+
+    def engine_down(self, engine: Engine) -> None:
+        self.down.append(engine.name)
 
 
 def pool_of(urls: list[str]) -> EnginePool:
@@ -82,7 +95,7 @@ def test_unreachable_and_failing_engines_are_skipped_before_the_first_byte():
             assert answer.status_code == 200 and answer.json()["system_fingerprint"] == "e2"
             assert len(failing.requests) == 1 and len(working.requests) == 1
             assert not pool.engines["e0"].healthy  # left the rotation at once
-            assert policy.sent == ["e2"]
+            assert policy.sent == ["e2"] and policy.down == ["e0"]
             assert "kvcache_router_retries_total 2.0" in httpx.get(f"{router.url}/metrics").text
             # with every engine failing, the client gets the last engine's answer
             working.fail_status = 500

@@ -1,0 +1,207 @@
+"""kvcache's routing policy, live: from an OpenAI request to a ranking of the engines.
+
+The request is tokenized as the engine will see it and cut into vLLM's block hashes (precise
+mode; a prompt sent as token ids needs no tokenizer), or its text into character chunks when no
+tokenizer is given (approximate mode). The prefix
+index says how many leading blocks each engine holds; the cache cluster, asked in one batched
+lookup, how many leading chunks any engine could load instead; the engines' gauges and the
+router's own counts say how busy each is. `score.rank_engines` turns that into the ranking.
+
+The index learns from three sources: vLLM's KV events (one subscriber per engine that publishes
+them), and the router's own decisions, entered right after routing as speculative entries: with
+events they cover the moment before the engine's own event arrives and expire after
+`speculative_ttl_s`; for an engine without events they are all the router knows, and are kept
+for `history_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import xxhash
+
+from kvcache.client.cluster import ClusterClient
+from kvcache.core.keys import Namespace, chunk_keys
+from kvcache.router.block_hash import block_hashes
+from kvcache.router.engines import Engine
+from kvcache.router.kv_events import KVEventSubscriber
+from kvcache.router.prefix_index import PrefixIndex
+from kvcache.router.score import (
+    EngineState,
+    RouteRequest,
+    ScoreSettings,
+    affinity_block,
+    rank_engines,
+)
+from kvcache.router.tokenize import (
+    TEXT_CHUNK_CHARS,
+    Prompt,
+    Tokenizer,
+    prompt_token_ids,
+    request_text,
+)
+
+log = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 4  # approximate mode's guess, to weigh text chunks as tokens
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    block_size: int = 16  # the engines' KV block size (vLLM's --block-size; 128 on the CPU)
+    hash_seed: str = "0"  # the engines' PYTHONHASHSEED (sha256_cbor block hashes)
+    speculative_ttl_s: float = 5.0
+    history_ttl_s: float = 300.0
+    index_capacity_blocks: int = 65_536  # per engine; size it from the engines' block count
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+
+
+@dataclass(frozen=True)
+class EngineEvents:
+    """Where an engine publishes its KV events (and serves their replay)."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+
+
+class ClusterLookup:
+    """How much of a prompt the cache cluster holds, in tokens: the connector's chunk keys, asked
+    in one batched lookup on a thread of its own (ZeroMQ sockets are not thread safe, and a slow
+    cluster must never stall the event loop)."""
+
+    def __init__(
+        self, client: Callable[[], ClusterClient], namespace: Namespace, chunk_tokens: int
+    ) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-lookup")
+        self._client = self._executor.submit(client).result()
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+
+    def _lookup(self, token_ids: list[int]) -> int:
+        keys = chunk_keys(token_ids, self.namespace, self.chunk_tokens)
+        return self._client.lookup_prefix(keys) * self.chunk_tokens
+
+    async def tokens(self, token_ids: list[int]) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._lookup, token_ids)
+        except Exception:  # noqa: BLE001 - a cluster that fails holds nothing
+            log.warning("cluster lookup failed", exc_info=True)
+            return 0
+
+    def close(self) -> None:
+        self._executor.submit(self._client.close).result()
+        self._executor.shutdown()
+
+
+@dataclass
+class Decision:
+    ranking: list[Engine]
+    block_hashes: list[int]
+
+
+def text_chunk_hashes(text: str) -> list[int]:
+    """Approximate mode's blocks: chained 64-bit hashes of the text's full 128-char chunks."""
+    hashes, parent = [], 0
+    for start in range(0, len(text) - TEXT_CHUNK_CHARS + 1, TEXT_CHUNK_CHARS):
+        chunk = text[start : start + TEXT_CHUNK_CHARS].encode("utf-8", "surrogatepass")
+        parent = xxhash.xxh3_64_intdigest(chunk, seed=parent)
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixPolicy:
+    def __init__(
+        self,
+        settings: PolicySettings,
+        tokenizer: Tokenizer | None = None,
+        cluster: ClusterLookup | None = None,
+        events: dict[str, EngineEvents] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.index = PrefixIndex(settings.index_capacity_blocks)
+        self._tokenizer = tokenizer
+        self._cluster = cluster
+        self._events = events or {}
+
+    async def run(self) -> None:
+        """Follow every engine's KV events into the index, until cancelled."""
+        subscribers = [
+            KVEventSubscriber(name, where.endpoint, where.replay_endpoint, self.index.apply)
+            for name, where in self._events.items()
+        ]
+        tasks = [asyncio.create_task(subscriber.run()) for subscriber in subscribers]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _prompt(self, path: str, payload: dict) -> Prompt:
+        token_ids = prompt_token_ids(path, payload)  # vLLM takes them as is: no tokenizer needed
+        if token_ids is not None:
+            return Prompt(token_ids, "")
+        if self._tokenizer is not None:
+            try:
+                return self._tokenizer.prompt(path, payload)
+            except Exception:  # noqa: BLE001 - the engine will answer a malformed request
+                log.debug("tokenizing failed; routing by text", exc_info=True)
+        return Prompt(None, request_text(path, payload))
+
+    async def rank(self, path: str, payload: dict, engines: list[Engine]) -> Decision:
+        prompt = self._prompt(path, payload)
+        if prompt.token_ids is not None:
+            block_tokens = self.settings.block_size
+            hashes = block_hashes(prompt.token_ids, block_tokens, self.settings.hash_seed)
+            prompt_tokens = len(prompt.token_ids)
+        else:
+            block_tokens = TEXT_CHUNK_CHARS // CHARS_PER_TOKEN
+            hashes = text_chunk_hashes(prompt.text)
+            prompt_tokens = max(1, len(prompt.text) // CHARS_PER_TOKEN)
+        matched = self.index.match(hashes) if hashes else {}
+        cluster_tokens = 0
+        if self._cluster is not None and prompt.token_ids is not None:
+            cluster_tokens = await self._cluster.tokens(prompt.token_ids[:-1])
+        states = [
+            EngineState(
+                name=engine.name,
+                gpu_tokens=matched.get(engine.name, 0) * block_tokens,
+                cluster_tokens=cluster_tokens,
+                running=engine.running,
+                waiting=engine.waiting,
+                in_flight=engine.in_flight,
+                awaiting_first_token=engine.awaiting_first_token,
+                cached_blocks=self.index.blocks(engine.name),
+                healthy=engine.healthy,
+            )
+            for engine in engines
+        ]
+        affinity = (
+            affinity_block(hashes, block_tokens, self.settings.score)
+            if hashes
+            else xxhash.xxh3_64_intdigest(prompt.text.encode("utf-8", "surrogatepass"))
+        )
+        ranking = rank_engines(RouteRequest(prompt_tokens, affinity), states, self.settings.score)
+        by_name = {engine.name: engine for engine in engines}
+        return Decision([by_name[candidate.name] for candidate in ranking], hashes)
+
+    def routed(self, decision: Decision, engine: Engine) -> None:
+        """The prompt's blocks are on `engine` soon: say so before its events do."""
+        if not decision.block_hashes:
+            return
+        ttl = (
+            self.settings.speculative_ttl_s
+            if engine.name in self._events
+            else self.settings.history_ttl_s
+        )
+        self.index.add_speculative(engine.name, decision.block_hashes, ttl)
+
+    def engine_down(self, engine: Engine) -> None:
+        """An engine that left the rotation may come back restarted, with an empty cache."""
+        self.index.clear(engine.name)

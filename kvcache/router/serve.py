@@ -1,0 +1,97 @@
+"""`kvcache router`: the router process, from its flags to a running uvicorn server.
+
+Engines are given as `NAME=URL` (or a bare URL, named by position), each optionally with the ZMQ
+endpoint of its KV events (`NAME=tcp://host:port`, `--engine-events`) and of their replay
+(`--engine-replay`). With `--tokenizer` requests are routed by vLLM's block hashes (the engines
+must run with `--prefix-caching-hash-algo sha256_cbor` and the given `PYTHONHASHSEED`); without it,
+by text. With a cluster (`--cluster-etcd` or `--cluster-members`) the router also counts what an
+engine could load from kvcache instead of prefilling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+
+from kvcache.client.cluster import ClusterClient
+from kvcache.core.config import ClientConfig, EtcdConfig
+from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace
+from kvcache.core.ring import Member
+from kvcache.router.app import create_app
+from kvcache.router.engines import Engine, EnginePool, HealthSettings
+from kvcache.router.policy import ClusterLookup, EngineEvents, PolicySettings, PrefixPolicy
+from kvcache.router.tokenize import Tokenizer
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the cache cluster is, and the namespace the engines' connectors key chunks in."""
+
+    model: str  # the served model's name, as the connectors see it
+    etcd: str = ""
+    name: str = "default"
+    members: tuple[Member, ...] = ()
+    kv_dtype: str = "bfloat16"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def lookup(self) -> ClusterLookup:
+        config = ClientConfig(timeout_s=0.2, down_backoff_s=5.0)
+        if self.etcd:
+            etcd = EtcdConfig(self.etcd, self.name)
+
+            def client() -> ClusterClient:
+                return ClusterClient.from_etcd(etcd, config)
+        else:
+
+            def client() -> ClusterClient:
+                return ClusterClient(list(self.members), config)
+
+        namespace = Namespace(model=self.model, kv_dtype=self.kv_dtype)
+        return ClusterLookup(client, namespace, self.chunk_tokens)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    engines: dict[str, str]  # name -> base URL
+    events: dict[str, EngineEvents] = field(default_factory=dict)
+    tokenizer: str | None = None
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    cluster: ClusterSettings | None = None
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            raise ValueError("the router needs at least one engine")
+        unknown = sorted(set(self.events) - set(self.engines))
+        if unknown:
+            raise ValueError(f"KV events given for engines that are not listed: {unknown}")
+
+
+def parse_named(values: list[str], what: str) -> dict[str, str]:
+    """`NAME=VALUE` entries (a bare value is named e0, e1, ... by position)."""
+    named: dict[str, str] = {}
+    for position, entry in enumerate(values):
+        name, sep, value = entry.partition("=")
+        if not sep:
+            name, value = f"e{position}", entry
+        if not name or not value or name in named:
+            raise ValueError(f"bad {what} {entry!r}: expected NAME=VALUE with unique names")
+        named[name] = value.rstrip("/")
+    return named
+
+
+def build_app(settings: RouterSettings) -> FastAPI:
+    pool = EnginePool(settings=settings.health)
+    pool.set_engines(Engine(name, url) for name, url in settings.engines.items())
+    tokenizer = Tokenizer(settings.tokenizer) if settings.tokenizer else None
+    cluster = settings.cluster.lookup() if settings.cluster else None
+    policy = PrefixPolicy(settings.policy, tokenizer, cluster, settings.events)
+    for name in settings.engines:
+        policy.index.add_engine(name)
+    return create_app(pool, policy)
+
+
+def serve(settings: RouterSettings, host: str, port: int, log_level: str = "info") -> None:
+    uvicorn.run(build_app(settings), host=host, port=port, log_level=log_level.lower())

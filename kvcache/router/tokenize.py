@@ -1,0 +1,189 @@
+"""A request's tokens as the engine will see them, so the router's block hashes match vLLM's.
+
+Chat requests are rendered as vLLM 0.32 renders them (`vllm/renderers/hf.py`, `chat_utils.py`):
+the messages become vLLM's conversation (text parts joined with newlines for templates that print
+`message['content']`, kept as `{"type": "text"}` parts for templates that loop over it; a tool
+call's JSON arguments as a dict), then the served model's chat template renders the whole
+conversation with the request's own switches (`add_generation_prompt`, `continue_final_message`,
+`chat_template`, `chat_template_kwargs`, `documents`, `tools`) and tokenizes it without adding
+special tokens (the template has them). Completion prompts are encoded with special tokens unless
+the request says otherwise, as vLLM's completions endpoint does. A prompt given as token ids is
+used as is, tokenizer or not. What the router cannot reproduce (images, audio) raises, and the
+request is routed by its text instead: approximate mode, where the text is cut into fixed
+character chunks (also the mode of a router without a tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TEXT_CHUNK_CHARS = 128  # approximate mode, as vLLM production-stack's prefixaware routing
+
+ContentFormat = Literal["string", "openai"]
+# vLLM's text content parts and the field holding each one's text
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text",
+               "refusal": "refusal", "thinking": "thinking"}  # fmt: skip
+# chat_template_kwargs vLLM refuses or sets itself
+_RESERVED_KWARGS = frozenset({"chat_template", "tokenize", "return_dict"})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the router routes on: token ids (precise) or text chunks (approximate)."""
+
+    token_ids: list[int] | None
+    text: str
+
+
+def request_text(path: str, payload: dict[str, Any]) -> str:
+    """The prompt's text: the conversation's contents in order, or the completion prompt."""
+    if path.endswith("chat/completions"):
+        parts = []
+        for message in payload.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):  # OpenAI content parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.append(f"{message.get('role', '')}:{content or ''}\n")
+        return "".join(parts)
+    prompt = payload.get("prompt", "")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    return prompt if isinstance(prompt, str) else ""
+
+
+def prompt_token_ids(path: str, payload: dict[str, Any]) -> list[int] | None:
+    """A completion prompt given as token ids (the first of a batch), which vLLM takes as is."""
+    if path.endswith("chat/completions"):
+        return None
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    return None
+
+
+def conversation(messages: list[Any], content_format: ContentFormat) -> list[dict[str, Any]]:
+    """The messages as vLLM hands them to the chat template (`parse_chat_messages`, text only)."""
+    rendered = []
+    for message in messages:
+        role, content = message["role"], message.get("content")
+        if content is None:
+            content = []
+        elif isinstance(content, str):
+            content = [content]
+        texts = [_part_text(part) for part in content]
+        texts = [text for text in texts if text is not None]
+        if role == "tool" or content_format == "string":
+            entry: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+        else:
+            entry = {"role": role, "content": [{"type": "text", "text": t} for t in texts]}
+        if role == "assistant":
+            if message.get("tool_calls"):
+                entry["tool_calls"] = [_tool_call(call) for call in message["tool_calls"]]
+            if message.get("reasoning") is not None:
+                entry["reasoning"] = entry["reasoning_content"] = message["reasoning"]
+        if role == "tool" and "tool_call_id" in message:
+            entry["tool_call_id"] = message["tool_call_id"]
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        rendered.append(entry)
+    return rendered
+
+
+def _part_text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    field = _TEXT_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+    if field is None:
+        raise ValueError(f"a content part the router cannot render: {str(part)[:80]}")
+    return part.get(field)
+
+
+def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """vLLM passes a tool call's arguments to the template as a dict ({} when not an object)."""
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str) and arguments:
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = {}
+    function["arguments"] = arguments if isinstance(arguments, dict) else {}
+    return {**call, "function": function}
+
+
+def content_format(template: str) -> ContentFormat:
+    """How vLLM passes message contents to `template` (`_detect_content_format`): as parts when
+    the template loops over a message's content, else as one string."""
+    import jinja2.nodes
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        ast = _compile_jinja_template(template).environment.parse(template)
+    except Exception:  # noqa: BLE001 - vLLM falls back to strings too
+        return "string"
+    for loop in ast.find_all(jinja2.nodes.For):
+        source = loop.iter
+        while isinstance(source, jinja2.nodes.Filter | jinja2.nodes.Test) or (
+            isinstance(source, jinja2.nodes.Getitem) and isinstance(source.arg, jinja2.nodes.Slice)
+        ):
+            source = source.node
+        if (
+            (isinstance(source, jinja2.nodes.Name) and source.name == "content")
+            or (isinstance(source, jinja2.nodes.Getattr) and source.attr == "content")
+            or (
+                isinstance(source, jinja2.nodes.Getitem)
+                and isinstance(source.arg, jinja2.nodes.Const)
+                and source.arg.value == "content"
+            )
+        ):
+            return "openai"
+    return "string"
+
+
+class Tokenizer:
+    def __init__(self, path: str) -> None:
+        """`path`: a local directory (or hub id reachable from here) with the served model's
+        tokenizer and chat template."""
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._formats: dict[str, ContentFormat] = {}  # per template: requests may bring theirs
+
+    def prompt(self, path: str, payload: dict[str, Any]) -> Prompt:
+        """A text prompt's tokens (token-id prompts need no tokenizer: `prompt_token_ids`)."""
+        text = request_text(path, payload)
+        if path.endswith("chat/completions"):
+            return Prompt(self.chat_token_ids(payload), text)
+        special = payload.get("add_special_tokens", True)
+        return Prompt(self._tokenizer.encode(text, add_special_tokens=special), text)
+
+    def chat_token_ids(self, payload: dict[str, Any]) -> list[int]:
+        tools = payload.get("tools")
+        template = self._tokenizer.get_chat_template(payload.get("chat_template"), tools)
+        if template not in self._formats:
+            self._formats[template] = content_format(template)
+        kwargs = {
+            key: value
+            for key, value in (payload.get("chat_template_kwargs") or {}).items()
+            if key not in _RESERVED_KWARGS
+        }
+        switches = {
+            "add_generation_prompt": payload.get("add_generation_prompt", True),
+            "continue_final_message": payload.get("continue_final_message", False),
+            "documents": payload.get("documents"),
+            "reasoning_effort": payload.get("reasoning_effort"),
+        }
+        kwargs.update((key, value) for key, value in switches.items() if value is not None)
+        if switches["reasoning_effort"] is not None and "enable_thinking" not in kwargs:
+            kwargs["enable_thinking"] = switches["reasoning_effort"] != "none"
+        messages = conversation(payload.get("messages") or [], self._formats[template])
+        return list(
+            self._tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=template, tokenize=True, return_dict=False,
+                **kwargs,
+            )
+        )  # fmt: skip
