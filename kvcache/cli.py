@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--replicas", type=int, default=1, help="copies of each chunk (distinct nodes)")
     up.add_argument(
-        "--codec", default="cachegen", choices=["none", "int8", "cachegen"], help="KV compression"
+        "--codec", default="int8", choices=["none", "int8", "cachegen"], help="KV compression"
     )
     up.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per request")
     up.add_argument("--requests", type=int, default=None, help="serve only the first N requests")

@@ -32,6 +32,7 @@ from kvcache.client.cluster import ClusterClient
 from kvcache.client.membership import EtcdMembership, MembershipSource, StaticMembership
 from kvcache.connector import smollm2
 from kvcache.connector.core import (
+    DEFAULT_CODEC,
     ENGINE_DOWN_BACKOFF_S,
     ENGINE_TIMEOUT_S,
     Connector,
@@ -45,7 +46,7 @@ from kvcache.kernels import codec_by_name, codec_names
 from kvcache.local_etcd import LocalEtcd
 
 CLUSTER_NAME = "local"
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = smollm2.MODEL_NAME
 STORE_WAIT_S = 60.0  # a request's stores finish before the next request looks up
 ENGINES = "AB"
 
@@ -56,7 +57,7 @@ class DemoSettings:
     memory_bytes: int = 1 << 30  # each node's memory tier
     with_etcd: bool = False
     replicas: int = 1
-    codec: str = "cachegen"
+    codec: str = DEFAULT_CODEC
     max_new_tokens: int = 24
     requests: int | None = None  # serve only the first N requests of the workloads
     kill_cluster_after: int | None = None  # stop every node after this many requests

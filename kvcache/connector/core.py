@@ -31,6 +31,10 @@ from kvcache.kernels.codec import DTYPES, Codec
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+# The engines' default codec: int8 halves fp16 KV and kept all 64 greedy tokens of every demo
+# prompt (benchmarks/agreement.py); cachegen moves 2.5x fewer bytes again but changes greedy
+# continuations, so it is the choice where the network, not quality, is the limit.
+DEFAULT_CODEC = "int8"
 # An engine waits on its cluster calls, so it gives up sooner than a plain client and skips a
 # node that timed out for longer: a dead cluster costs one short stall every few seconds.
 ENGINE_TIMEOUT_S = 0.5

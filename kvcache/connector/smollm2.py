@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = f"{MODEL_NAME}.Q4_1.gguf"
 
 
 def model_dir() -> Path:

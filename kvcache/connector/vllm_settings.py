@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kvcache.client.cluster import ClusterClient
-from kvcache.connector.core import ENGINE_DOWN_BACKOFF_S, ENGINE_TIMEOUT_S
+from kvcache.connector.core import DEFAULT_CODEC, ENGINE_DOWN_BACKOFF_S, ENGINE_TIMEOUT_S
 from kvcache.core.config import ClientConfig, EtcdConfig, parse_bytes
 from kvcache.core.keys import DEFAULT_CHUNK_TOKENS
 from kvcache.core.ring import Member
@@ -25,7 +25,7 @@ class VllmSettings:
     members: str = ""  # static members "n0=tcp://host:port,n1=..."; or etcd below
     etcd: str = ""  # etcd "host:port" where the cluster's members register
     cluster: str = "default"  # the cluster's name in etcd
-    codec: str = "cachegen"
+    codec: str = DEFAULT_CODEC
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     local_bytes: int = 2 * GiB
     replicas: int = 1

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,6 +54,10 @@ class Policy(Protocol):
 
     def routed(self, decision: Decision, engine: Engine) -> None:
         """The request went to `engine` (its prefix is expected there from now on)."""
+        ...
+
+    def first_byte(self, decision: Decision, engine: Engine) -> None:
+        """`engine` started answering the request: its prefill is done."""
         ...
 
     def engine_down(self, engine: Engine) -> None:
@@ -155,7 +160,7 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
             policy.routed(decision, engine)
             metrics.requests.labels(engine.name, "ok").inc()
             return StreamingResponse(
-                _relay(upstream, engine),
+                _relay(upstream, engine, functools.partial(policy.first_byte, decision, engine)),
                 status_code=upstream.status,
                 headers=_forward_headers(upstream.headers),
             )
@@ -193,7 +198,9 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
     return app
 
 
-async def _relay(upstream: aiohttp.ClientResponse, engine: Engine) -> AsyncIterator[bytes]:
+async def _relay(
+    upstream: aiohttp.ClientResponse, engine: Engine, on_first_byte: Callable[[], None]
+) -> AsyncIterator[bytes]:
     """The engine's body as it arrives; if the client leaves, Starlette cancels this generator
     and closing (not releasing) the response drops the connection, so the engine aborts."""
     first, finished = True, False
@@ -202,6 +209,7 @@ async def _relay(upstream: aiohttp.ClientResponse, engine: Engine) -> AsyncItera
             if first:
                 engine.awaiting_first_token -= 1
                 first = False
+                on_first_byte()
             yield chunk
         finished = True
     finally:

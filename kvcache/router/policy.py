@@ -202,6 +202,11 @@ class PrefixPolicy:
         )
         self.index.add_speculative(engine.name, decision.block_hashes, ttl)
 
+    def first_byte(self, decision: Decision, engine: Engine) -> None:
+        """The prefill is done: the speculative entries' clock restarts here, so a request that
+        queued longer than their TTL still keeps its prefix's later requests on its engine."""
+        self.routed(decision, engine)
+
     def engine_down(self, engine: Engine) -> None:
         """An engine that left the rotation may come back restarted, with an empty cache."""
         self.index.clear(engine.name)

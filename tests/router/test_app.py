@@ -28,6 +28,7 @@ class InOrder:
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.answered: list[str] = []
         self.down: list[str] = []
 
     async def run(self) -> None:
@@ -39,12 +40,16 @@ class InOrder:
     def routed(self, decision: Ranking, engine: Engine) -> None:
         self.sent.append(engine.name)
 
+    def first_byte(self, decision: Ranking, engine: Engine) -> None:
+        self.answered.append(engine.name)
+
     def engine_down(self, engine: Engine) -> None:
         self.down.append(engine.name)
 
 
-def pool_of(urls: list[str]) -> EnginePool:
-    pool = EnginePool(settings=HealthSettings(interval_s=0.1, timeout_s=0.5, unhealthy_after=2))
+def pool_of(urls: list[str], interval_s: float = 0.1) -> EnginePool:
+    settings = HealthSettings(interval_s=interval_s, timeout_s=0.5, unhealthy_after=2)
+    pool = EnginePool(settings=settings)
     pool.set_engines(Engine(f"e{i}", url) for i, url in enumerate(urls))
     return pool
 
@@ -67,7 +72,7 @@ def test_requests_are_forwarded_and_streams_relayed_chunk_by_chunk():
             assert events[-1] == "data: [DONE]" and len(events) == 6
             assert json.loads(events[0][6:])["choices"][0]["text"] == " t0"
             assert states[0].requests[-1] == {"prompt": "x", "stream": True}
-            assert policy.sent == ["e0", "e0"]
+            assert policy.sent == policy.answered == ["e0", "e0"]
             assert httpx.get(f"{router.url}/v1/models").json()["data"][0]["id"] == "fake"
             assert httpx.get(f"{router.url}/healthz").json()["healthy_engines"] == 2
             metrics = httpx.get(f"{router.url}/metrics").text
@@ -89,7 +94,8 @@ def test_unreachable_and_failing_engines_are_skipped_before_the_first_byte():
     failing, working = FakeEngineState("e1", fail_status=503), FakeEngineState("e2")
     with serving(fake_engine(failing), fake_engine(working)) as (e1, e2):
         policy = InOrder()
-        pool = pool_of([dead_url, e1.url, e2.url])
+        # scrapes far apart: the request, not the health check, finds the dead engine
+        pool = pool_of([dead_url, e1.url, e2.url], interval_s=60)
         with serving(create_app(pool, policy)) as (router,):
             answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
             assert answer.status_code == 200 and answer.json()["system_fingerprint"] == "e2"
