@@ -1,0 +1,274 @@
+"""The children of a KVCacheCluster, rendered without a cluster: valid Kubernetes objects,
+labelled and selected consistently, ready to be adopted, and running commands the kvcache CLI
+accepts."""
+
+from __future__ import annotations
+
+import copy
+
+import kopf
+import pytest
+from kube_schemas import validate_builtin
+
+from kvcache.cli import build_parser
+from kvcache.core.config import parse_bytes
+from kvcache.operator.names import CLUSTER_LABEL, NODE, ROUTER, ClusterRef
+from kvcache.operator.render import (
+    DISK_MOUNT,
+    NODE_HEADROOM_BYTES,
+    client_env,
+    render_cluster,
+)
+from kvcache.operator.spec import KVCacheClusterSpec
+
+REF = ClusterRef("llm", "prod")
+IMAGE = "registry.example/kvcache:0.1.0"
+SPECS = {
+    "defaults": {},
+    "disk": {"nodes": 5, "memory": "32Gi", "disk": "200Gi", "storageClassName": "fast-ssd"},
+    "external-etcd-no-router": {
+        "etcd": {"managed": False, "endpoint": "etcd.infra.svc:2379"},
+        "router": {"enabled": False},
+    },
+    "everything": {
+        "nodes": 6,
+        "replication": 3,
+        "disk": "1Ti",
+        "codec": "cachegen",
+        "allowedNamespaces": ["team-a", "team-b", "llm"],
+        "image": "registry.example/kvcache:custom",
+        "resources": {"requests": {"cpu": "4", "memory": "80Gi"}, "limits": {"memory": "80Gi"}},
+        "nodeSelector": {"kvcache.io/pool": "cache"},
+        "tolerations": [{"key": "cache", "operator": "Exists", "effect": "NoSchedule"}],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "DoNotSchedule",
+            }
+        ],
+        "security": {"curveSecret": "prod-curve", "atRestSecret": "prod-disk-key"},
+        "router": {
+            "replicas": 3,
+            "blockSize": 128,
+            "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "model": "smollm2",
+            "resources": {"requests": {"cpu": "1"}},
+        },
+    },
+}
+
+
+def render(name):
+    return render_cluster(KVCacheClusterSpec.from_dict(SPECS[name]), REF, IMAGE)
+
+
+def by_kind(objects, kind):
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def container(workload):
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def node_statefulset(objects):
+    (statefulset,) = [
+        obj for obj in by_kind(objects, "StatefulSet") if "-node" in obj["metadata"]["name"]
+    ]
+    return statefulset
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_object_is_a_valid_kubernetes_object(name):
+    rendered = render(name)
+    for obj in rendered.owned + rendered.elsewhere:
+        validate_builtin(obj)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_objects_are_labelled_and_selected_consistently(name):
+    rendered = render(name)
+    objects = rendered.owned + rendered.elsewhere
+    pod_labels = []
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "prod"
+        assert labels["app.kubernetes.io/managed-by"] == "kvcache-operator"
+        assert labels["app.kubernetes.io/part-of"] == "kvcache"
+        assert "app.kubernetes.io/component" in labels
+        assert "ownerReferences" not in obj["metadata"] and "status" not in obj
+        if obj["kind"] in ("StatefulSet", "Deployment"):
+            template = obj["spec"]["template"]["metadata"]["labels"]
+            assert obj["spec"]["selector"]["matchLabels"].items() <= template.items()
+            # The router discovers engines by this label: a child carrying it would be taken
+            # for an engine.
+            assert CLUSTER_LABEL not in template
+            pod_labels.append(template)
+        if obj["kind"] == "PodDisruptionBudget":
+            assert any(
+                obj["spec"]["selector"]["matchLabels"].items() <= p.items() for p in pod_labels
+            )
+    for service in by_kind(objects, "Service"):
+        selected = [p for p in pod_labels if service["spec"]["selector"].items() <= p.items()]
+        assert len(selected) == 1, service["metadata"]["name"]
+    names = [
+        (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) for obj in objects
+    ]
+    assert len(names) == len(set(names))
+    assert {obj["metadata"]["namespace"] for obj in rendered.owned} == {"llm"}
+    assert "llm" not in {obj["metadata"]["namespace"] for obj in rendered.elsewhere}
+
+
+def test_owned_objects_are_ready_for_adoption():
+    owner = {
+        "apiVersion": "kvcache.io/v1alpha1",
+        "kind": "KVCacheCluster",
+        "metadata": {
+            "name": "prod",
+            "namespace": "llm",
+            "uid": "6a2f0c1e-0000-4000-8000-000000000001",
+        },
+    }
+    for obj in render("everything").owned:
+        kopf.adopt(obj, owner=owner)
+        (reference,) = obj["metadata"]["ownerReferences"]
+        assert reference["uid"] == owner["metadata"]["uid"] and reference["controller"] is True
+        assert obj["metadata"]["namespace"] == "llm"
+        validate_builtin(obj)
+
+
+def node_flags(statefulset):
+    command = container(statefulset)["command"]
+    assert command[:2] == ["kvcache", "node"]
+    args = [part.replace("$(POD_NAME)", "prod-node-0") for part in command[1:]]
+    return build_parser().parse_args(args)
+
+
+def test_the_node_command_is_one_the_cli_accepts():
+    flags = node_flags(node_statefulset(render("disk").owned))
+    assert flags.node_id == "prod-node-0"
+    assert flags.host == "0.0.0.0" and (flags.port, flags.admin_port) == (7400, 7401)
+    assert flags.memory == 32 << 30
+    assert flags.etcd == "prod-etcd.llm.svc:2379" and flags.cluster == "llm.prod"
+    assert flags.advertise == "tcp://prod-node-0.prod-node.llm.svc:7400"
+    assert flags.disk_dir.startswith(DISK_MOUNT) and flags.disk == int(200 * 0.9 * (1 << 30))
+
+
+def test_a_disk_tier_gets_a_volume_per_node_that_goes_with_it():
+    statefulset = node_statefulset(render("disk").owned)
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert {"name": claim["metadata"]["name"], "mountPath": DISK_MOUNT} in container(statefulset)[
+        "volumeMounts"
+    ]
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Delete",
+        "whenScaled": "Delete",
+    }
+    assert statefulset["spec"]["replicas"] == 5
+
+
+def test_memory_only_nodes_get_no_volume_and_a_memory_limit_with_headroom():
+    statefulset = node_statefulset(render("defaults").owned)
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    assert node_flags(statefulset).disk_dir is None
+    resources = container(statefulset)["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert parse_bytes(resources["limits"]["memory"]) == (4 << 30) + NODE_HEADROOM_BYTES
+
+
+def test_the_specs_scheduling_and_secrets_reach_the_node_pods():
+    statefulset = node_statefulset(render("everything").owned)
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kvcache.io/pool": "cache"}
+    assert pod["tolerations"][0]["key"] == "cache"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"] == REF.selector(NODE)
+    node = container(statefulset)
+    assert node["image"] == "registry.example/kvcache:custom"
+    assert node["resources"]["requests"]["cpu"] == "4"
+    assert node["envFrom"] == [
+        {"secretRef": {"name": "prod-curve"}},
+        {"secretRef": {"name": "prod-disk-key"}},
+    ]
+
+
+def test_an_external_etcd_replaces_the_managed_one():
+    objects = render("external-etcd-no-router").owned
+    assert [obj["metadata"]["name"] for obj in by_kind(objects, "StatefulSet")] == ["prod-node"]
+    assert node_flags(node_statefulset(objects)).etcd == "etcd.infra.svc:2379"
+    assert not by_kind(objects, "Deployment") and not by_kind(objects, "Role")
+
+
+def test_the_managed_etcd_is_one_member_behind_its_service():
+    objects = render("defaults").owned
+    (etcd,) = [
+        obj for obj in by_kind(objects, "StatefulSet") if obj["metadata"]["name"] == "prod-etcd"
+    ]
+    command = container(etcd)["command"]
+    assert command[0] == "etcd" and etcd["spec"]["replicas"] == 1
+    assert "http://prod-etcd.llm.svc:2379" in command
+    assert etcd["spec"]["serviceName"] == "prod-etcd"
+
+
+def test_the_router_may_read_pods_in_every_namespace_allowed_to_join():
+    rendered = render("everything")
+    roles = by_kind(rendered.owned, "Role") + by_kind(rendered.elsewhere, "Role")
+    assert sorted(role["metadata"]["namespace"] for role in roles) == ["llm", "team-a", "team-b"]
+    for binding in by_kind(rendered.owned + rendered.elsewhere, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "prod-router", "namespace": "llm"}
+        ]
+        assert binding["metadata"]["labels"]["kvcache.io/cluster-namespace"] == "llm"
+    (deployment,) = by_kind(rendered.owned, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "prod-router"
+    assert deployment["spec"]["replicas"] == 3
+    command = container(deployment)["command"]
+    assert command[command.index("--engine-selector") + 1] == (
+        "kvcache.io/cluster=prod,kvcache.io/cluster-namespace=llm"
+    )
+    namespaces = [command[i + 1] for i, part in enumerate(command) if part == "--engine-namespace"]
+    assert namespaces == ["llm", "team-a", "team-b"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13: `kvcache router` has no Kubernetes discovery flags yet "
+    "(--engine-selector, --engine-namespace; engines' ports from pod annotations)",
+)
+def test_the_router_command_is_one_the_cli_accepts():
+    (deployment,) = by_kind(render("everything").owned, "Deployment")
+    flags = build_parser().parse_args(container(deployment)["command"][1:])
+    assert flags.block_size == 128 and flags.hash_seed == "0"
+
+
+def test_the_client_settings_are_what_the_vllm_connector_reads():
+    vllm_settings = pytest.importorskip("kvcache.connector.vllm_settings")
+    spec = KVCacheClusterSpec.from_dict(SPECS["everything"])
+    settings = vllm_settings.VllmSettings.from_sources({}, env=client_env(spec, REF))
+    assert (settings.etcd, settings.cluster) == ("prod-etcd.llm.svc:2379", "llm.prod")
+    assert (settings.codec, settings.replicas, settings.chunk_tokens) == ("cachegen", 3, 256)
+    (config_map,) = by_kind(render("everything").owned, "ConfigMap")
+    assert config_map["data"] == client_env(spec, REF)
+
+
+def test_rendering_is_pure():
+    first = render("everything")
+    kept = copy.deepcopy(first)
+    node_statefulset(first.owned)["spec"]["template"]["spec"]["securityContext"]["runAsUser"] = 0
+    assert render("everything") == kept
+
+
+def test_component_names_and_labels():
+    rendered = render("defaults")
+    statefulset = node_statefulset(rendered.owned)
+    assert statefulset["spec"]["template"]["metadata"]["labels"] == REF.labels(NODE)
+    (router,) = by_kind(rendered.owned, "Deployment")
+    assert router["metadata"]["name"] == "prod-router"
+    assert router["spec"]["selector"]["matchLabels"] == REF.selector(ROUTER)
+    assert REF.node_selector_text() == (
+        "app.kubernetes.io/name=kvcache,app.kubernetes.io/instance=prod,"
+        "app.kubernetes.io/component=cache-node"
+    )
