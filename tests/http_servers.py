@@ -20,7 +20,8 @@ def free_port() -> int:
 
 class ServerThread:
     def __init__(self, app: Any, port: int | None = None) -> None:
-        self.port = port or free_port()
+        """`port` None: one the OS picks when the server binds (no race for a free port)."""
+        self.port = port or 0
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -32,6 +33,7 @@ class ServerThread:
     def start(self) -> ServerThread:
         self.thread.start()
         wait_for(lambda: self.server.started, 10, "server start")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:

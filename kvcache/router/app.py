@@ -92,6 +92,36 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
 
 
+class _RelayResponse(StreamingResponse):
+    """A relayed stream that stops when the client leaves. Starlette's StreamingResponse watches
+    for the departure with an anyio task group per response (ASGI 2.3 servers, uvicorn included,
+    drop writes to a gone client silently); one plain asyncio task does the same for less CPU."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        relaying = asyncio.current_task()
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            relaying.cancel()
+
+        # cancelled before it runs again once the last chunk is sent: uvicorn answers `receive`
+        # with a disconnect as soon as the response is complete
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            relaying.uncancel()
+        finally:
+            watcher.cancel()
+            await self.body_iterator.aclose()  # a relay left at a `yield` closes its upstream
+
+
 def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None = None) -> FastAPI:
     settings = settings or ProxySettings()
     metrics = _Metrics()
@@ -159,20 +189,23 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
                 continue
             policy.routed(decision, engine)
             metrics.requests.labels(engine.name, "ok").inc()
-            return StreamingResponse(
+            return _RelayResponse(
                 _relay(upstream, engine, functools.partial(policy.first_byte, decision, engine)),
                 status_code=upstream.status,
                 headers=_forward_headers(upstream.headers),
             )
         return JSONResponse({"error": {"message": last_error}}, 502)
 
-    @app.post("/v1/completions")
+    # Plain Starlette routes: FastAPI's dependency resolution runs for every request and gives a
+    # proxy nothing (it takes the body as bytes).
     async def completions(request: Request) -> Response:
         return await proxy(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await proxy(request, "/v1/chat/completions")
+
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -95,7 +95,7 @@ class EnginePool:
         except (TimeoutError, aiohttp.ClientError, ValueError) as error:
             engine.failed_scrapes += 1
             if engine.failed_scrapes >= self.settings.unhealthy_after:
-                self._down(engine, error or type(error).__name__)
+                self._down(engine, str(error) or type(error).__name__)
             return
         if not engine.healthy:
             log.info("engine %s is back in the rotation", engine.name)

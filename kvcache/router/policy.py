@@ -208,5 +208,9 @@ class PrefixPolicy:
         self.routed(decision, engine)
 
     def engine_down(self, engine: Engine) -> None:
-        """An engine that left the rotation may come back restarted, with an empty cache."""
-        self.index.clear(engine.name)
+        """An engine that left the rotation may come back restarted, with an empty cache. Its
+        KV events tell when it does (the subscriber sees the seqs start over and resets it), so
+        only an engine without them is forgotten here: an engine that missed two scrapes while
+        busy keeps its prefixes, which vLLM would not announce again."""
+        if engine.name not in self._events:
+            self.index.clear(engine.name)
