@@ -87,8 +87,6 @@ def build_app(settings: RouterSettings) -> FastAPI:
     pool = EnginePool(settings=settings.health)
     pool.set_engines(Engine(name, url) for name, url in settings.engines.items())
     tokenizer = Tokenizer(settings.tokenizer) if settings.tokenizer else None
-    if tokenizer is not None:  # transformers imports most of itself at the first chat template
-        tokenizer.prompt("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     cluster = settings.cluster.lookup() if settings.cluster else None
     policy = PrefixPolicy(settings.policy, tokenizer, cluster, settings.events)
     for name in settings.engines:
@@ -98,9 +96,9 @@ def build_app(settings: RouterSettings) -> FastAPI:
 
 def serve(settings: RouterSettings, host: str, port: int, log_level: str = "info") -> None:
     app = build_app(settings)
-    # What the imports made (~70k objects; 300k+ with transformers) lives as long as the process:
-    # out of the collector's reach, a full collection no longer stalls every request for tens of
-    # milliseconds (benchmarks/router_overhead.py)
+    # What the imports and the tokenizer made (~70k objects, 350k with transformers) lives as long
+    # as the process: out of the collector's reach, a full collection no longer stalls every
+    # request for tens of milliseconds (benchmarks/router_overhead.py)
     gc.collect()
     gc.freeze()
     # uvicorn's access log (a line per request) only at DEBUG: it cost 0.1 ms of the router's
