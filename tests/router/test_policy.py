@@ -1,15 +1,20 @@
-"""The live policy's own decisions, on plain values: what it hashes a request into, and what it
-forgets when an engine leaves the rotation."""
+"""The live policy's own decisions: what it hashes a request into, what it forgets when an engine
+leaves the rotation, and what the cache cluster (real node processes) adds to the choice."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 
+from kvcache.client.cluster import ClusterClient
+from kvcache.core.config import ClientConfig
+from kvcache.core.keys import Namespace, chunk_keys
+from kvcache.core.ring import Member
 from kvcache.router.block_hash import block_hashes
 from kvcache.router.engines import Engine
 from kvcache.router.kv_events import BlockStored, EventBatch
-from kvcache.router.policy import EngineEvents, PolicySettings, PrefixPolicy
+from kvcache.router.policy import ClusterLookup, EngineEvents, PolicySettings, PrefixPolicy
 
 BLOCK = 16
 
@@ -36,3 +41,37 @@ def test_only_an_engine_without_kv_events_is_forgotten_when_it_leaves_the_rotati
     for name in ("with-events", "history-only"):
         policy.engine_down(Engine(name, f"http://{name}"))
     assert policy.index.match(hashes) == {"with-events": 2}
+
+
+def test_a_prefix_the_cluster_holds_lets_an_idle_engine_win_over_a_busy_gpu_hit(start_cluster):
+    """Engine a holds the prompt on its GPU but has requests queued; engine b holds nothing. Alone,
+    a's GPU hit wins; once the cache cluster holds the prefix, b can load it for a fraction of a
+    prefill and wins. A dead cluster counts as holding nothing, without stalling."""
+    cluster = start_cluster(2)
+    ids = [random.Random(2).randrange(50_000) for _ in range(2048 + 10)]
+    namespace = Namespace(model="m", kv_dtype="bfloat16")
+
+    def lookup(members) -> ClusterLookup:
+        config = ClientConfig(timeout_s=0.2)
+        return ClusterLookup(lambda: ClusterClient(members, config), namespace, 256)
+
+    def first_choice(policy: PrefixPolicy) -> str:
+        busy, idle = Engine("a", "http://a", awaiting_first_token=3), Engine("b", "http://b")
+        policy.index.add_speculative("a", block_hashes(ids, BLOCK, "0"), ttl_s=300)
+        decision = asyncio.run(policy.rank("/v1/completions", {"prompt": ids}, [busy, idle]))
+        return decision.ranking[0].name
+
+    warm, dead = lookup(cluster.members), lookup([Member("gone", "tcp://127.0.0.1:9")])
+    try:
+        assert first_choice(PrefixPolicy(PolicySettings(block_size=BLOCK), cluster=warm)) == "a"
+        keys = chunk_keys(ids, namespace, 256)
+        with ClusterClient(cluster.members) as client:
+            assert all(client.put(keys, [b"kv"] * len(keys)))
+        assert asyncio.run(warm.tokens(ids[:-1])) == 2048
+        assert first_choice(PrefixPolicy(PolicySettings(block_size=BLOCK), cluster=warm)) == "b"
+        started = time.monotonic()
+        assert asyncio.run(dead.tokens(ids)) == 0
+        assert time.monotonic() - started < 1.0
+    finally:
+        warm.close()
+        dead.close()
