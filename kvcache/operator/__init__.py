@@ -1,2 +1,3 @@
-"""The Kubernetes operator: the KVCacheCluster model and CRD, pure rendering of its children,
-and the engine injection. Imports only `kvcache.core` (and kopf in the handlers): no torch."""
+"""The Kubernetes operator: the KVCacheCluster model and CRD, pure rendering of its children, the
+engine injection, and the kopf handlers that apply them. Imports only `kvcache.core`, kopf and
+aiohttp (the API calls and the nodes' /stats): no torch."""

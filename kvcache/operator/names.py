@@ -113,6 +113,10 @@ class ClusterRef:
             "app.kubernetes.io/managed-by": MANAGED_BY,
         }
 
+    def children_selector(self) -> dict[str, str]:
+        """Selects every child of this cluster in its namespace, whatever its component."""
+        return {"app.kubernetes.io/instance": self.name, "app.kubernetes.io/managed-by": MANAGED_BY}
+
     def engine_labels(self) -> dict[str, str]:
         """What the router selects joined engines' pods by."""
         return {CLUSTER_LABEL: self.name, CLUSTER_NAMESPACE_LABEL: self.namespace}

@@ -1,0 +1,446 @@
+"""The operator end to end: kopf runs kvcache.operator.handlers (`kopf run -A --standalone`, as
+the chart does) against kmock's emulated API server, while each test acts as a user and as
+Kubernetes' own controllers would (applies a cluster, marks node pods ready, annotates an engine)
+and checks what the operator wrote back.
+
+The emulator has no garbage collector: children the cluster owns stay after it is deleted, so
+the tests check the owner references the real collector follows, and that the operator removes
+itself what no owner reference reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import kopf
+import pytest
+import pytest_asyncio
+from json_merge_patch import apply_merge_patch
+from kopf.testing import KopfRunner
+from kube_emulator import KubernetesEmulator
+
+from kvcache.operator.apply import covers
+from kvcache.operator.crd import API_VERSION, KIND, PLURAL, custom_resource_definition
+from kvcache.operator.join import engine_settings, join_engine
+from kvcache.operator.kube import CHILD_KINDS, resource_of
+from kvcache.operator.names import CLUSTER_ANNOTATION, JOINED_ANNOTATION, ClusterRef
+from kvcache.operator.render import render_cluster
+from kvcache.operator.spec import KVCacheClusterSpec
+
+NS, NAME = "ml", "demo"
+REF = ClusterRef(NS, NAME)
+IMAGE = "kvcache:test"
+CLUSTERS = f"{API_VERSION}/{PLURAL}"
+DEPLOYMENTS = "apps/v1/deployments"
+STATEFULSETS = "apps/v1/statefulsets"
+EVENTS = "v1/events"
+# What the operator and kopf use: its children's kinds, the engines, kopf's Events; kopf (run
+# with -A) also watches namespaces and CRDs.
+BUILTIN_KINDS = [
+    ("v1/namespaces", "Namespace", False),
+    ("v1/events", "Event", True),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
+    *(
+        (f"{version}/{resource.plural}", kind, True)
+        for (version, kind), resource in CHILD_KINDS.items()
+    ),
+]
+SUBRESOURCES = {"StatefulSet": {"status", "scale"}, "Deployment": {"status", "scale"}}
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+TIMEOUT_S = 15.0
+GiB = 1 << 30
+
+pytestmark = [
+    pytest.mark.asyncio,
+    # Names ending in .svc (the nodes' /stats) resolve to the emulator, which serves them too.
+    pytest.mark.kmock(cls=KubernetesEmulator, hostnames=re.compile(r".*\.svc")),
+]
+
+API_SERVER: dict[str, str] = {}
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf, and the operator's calls through kopf's client, talk to this test's emulator."""
+    return kopf.ConnectionInfo(server=API_SERVER["url"], insecure=True)
+
+
+@pytest_asyncio.fixture
+async def api(kmock: KubernetesEmulator, monkeypatch) -> AsyncIterator[KubernetesEmulator]:
+    """The emulated API server, with the operator running against it for this test."""
+    for resource, kind, namespaced in BUILTIN_KINDS:
+        kmock.resources[resource] = kmock.ResourceInfo(
+            kind=kind, namespaced=namespaced, verbs=VERBS, subresources=SUBRESOURCES.get(kind, ())
+        )
+    crd = custom_resource_definition()["spec"]
+    kmock.resources[CLUSTERS] = kmock.ResourceInfo(
+        kind=KIND,
+        singular=crd["names"]["singular"],
+        shortnames=set(crd["names"]["shortNames"]),
+        namespaced=True,
+        verbs=VERBS,
+        subresources=set(crd["versions"][0]["subresources"]),
+    )
+    monkeypatch.setenv("KVCACHE_IMAGE", IMAGE)
+    # Read when kopf first imports the handlers (this module's first test): the timer's interval.
+    monkeypatch.setenv("KVCACHE_STATUS_INTERVAL", "0.5")
+    API_SERVER["url"] = str(kmock.url)
+    runner = KopfRunner(
+        ["run", "-A", "--standalone", "-m", "kvcache.operator.handlers"], timeout=30
+    )
+    runner.__enter__()
+    try:
+        yield kmock
+    finally:
+        # In a thread: the operator's last requests need this loop, which serves the emulator.
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Acting and looking
+
+
+def stored(api: KubernetesEmulator, resource: str, name: str, namespace: str = NS) -> Any:
+    """The object as the API server holds it now (a copy), or None."""
+    try:
+        obj = api.objects[resource, namespace, name]
+    except KeyError:
+        return None
+    return None if obj.deleted else copy.deepcopy(obj.raw)
+
+
+async def until(check: Callable[[], Any], what: str) -> Any:
+    """Wait for `check()` to be truthy and return it; fail naming `what` after TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def send(api: KubernetesEmulator, method: str, path: str, body: Any = None) -> None:
+    async with api.request(method, path, json=body) as response:
+        assert response.status == 200, await response.text()
+
+
+def url(resource: str, namespace: str, name: str | None = None) -> str:
+    group_version, plural = resource.rsplit("/", 1)
+    root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    return f"{root}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
+
+
+async def apply_cluster(api: KubernetesEmulator, **spec: Any) -> None:
+    manifest = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": spec,
+    }
+    await send(api, "POST", url(CLUSTERS, NS), manifest)
+
+
+async def patch_cluster(api: KubernetesEmulator, **spec: Any) -> None:
+    await send(api, "PATCH", url(CLUSTERS, NS, NAME), {"spec": spec})
+
+
+def status(api: KubernetesEmulator) -> dict[str, Any]:
+    return (stored(api, CLUSTERS, NAME) or {}).get("status") or {}
+
+
+def condition(api: KubernetesEmulator, kind: str) -> dict[str, Any]:
+    return next((c for c in status(api).get("conditions", []) if c["type"] == kind), {})
+
+
+def engine(namespace: str, annotation: str | None = None) -> dict[str, Any]:
+    """A vLLM Deployment as a user writes it."""
+    metadata: dict[str, Any] = {"name": "vllm", "namespace": namespace, "labels": {"app": "vllm"}}
+    if annotation is not None:
+        metadata["annotations"] = {CLUSTER_ANNOTATION: annotation}
+    container = {
+        "name": "vllm",
+        "image": "vllm/vllm-openai:v0.11.0",
+        "args": ["--model", "Qwen/Qwen3-8B", "--port", "8000"],
+        "env": [{"name": "HF_HOME", "value": "/models"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "vllm"}},
+            "template": {
+                "metadata": {"labels": {"app": "vllm"}},
+                "spec": {"containers": [container]},
+            },
+        },
+    }
+
+
+async def create_engine(api: KubernetesEmulator, namespace: str, annotation: str | None = None):
+    """The engine as stored at creation (before the operator changes anything)."""
+    await send(api, "POST", url(DEPLOYMENTS, namespace), engine(namespace, annotation))
+    return stored(api, DEPLOYMENTS, "vllm", namespace)
+
+
+def joined(api: KubernetesEmulator, namespace: str) -> dict[str, Any] | None:
+    deployment = stored(api, DEPLOYMENTS, "vllm", namespace)
+    annotations = (deployment or {}).get("metadata", {}).get("annotations", {})
+    return deployment if JOINED_ANNOTATION in annotations else None
+
+
+def without_versions(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object less what the API server changes on every write."""
+    obj = copy.deepcopy(obj)
+    for key in ("resourceVersion", "generation"):
+        obj["metadata"].pop(key, None)
+    return obj
+
+
+def env(deployment: dict[str, Any]) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {entry["name"]: entry.get("value") for entry in container.get("env", [])}
+
+
+def children(api: KubernetesEmulator, spec: dict[str, Any]):
+    """Every rendered child with its stored version (None while it does not exist)."""
+    objects = render_cluster(KVCacheClusterSpec.from_dict(spec), REF, IMAGE)
+    for manifest in (*objects.owned, *objects.elsewhere):
+        resource = f"{manifest['apiVersion']}/{resource_of(manifest).plural}"
+        metadata = manifest["metadata"]
+        live = stored(api, resource, metadata["name"], metadata["namespace"])
+        yield manifest, live, (resource, metadata["namespace"], metadata["name"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Clusters
+
+
+async def test_a_cluster_gets_its_children_owned_by_it(api):
+    spec = {"nodes": 3, "allowedNamespaces": ["team-b"]}
+    await apply_cluster(api, **spec)
+    await until(lambda: all(live for _, live, _ in children(api, spec)), "every child")
+    await until(lambda: status(api).get("phase") == "Pending", "status")
+
+    cluster = stored(api, CLUSTERS, NAME)
+    owner = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": NAME,
+        "uid": cluster["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    for manifest, live, _ in children(api, spec):
+        assert covers(live, manifest), manifest["metadata"]
+        if manifest["metadata"]["namespace"] == NS:
+            assert live["metadata"]["ownerReferences"] == [owner]
+        else:  # the router's Role in a namespace allowed to join: no owner across namespaces
+            assert "ownerReferences" not in live["metadata"]
+    assert cluster["metadata"]["finalizers"] == ["kvcache.io/cleanup"]
+    assert cluster["status"]["ready"] == "0/3"
+    assert cluster["status"]["selector"] == REF.node_selector_text()
+    assert condition(api, "Progressing")["status"] == "True"
+    assert condition(api, "Ready")["status"] == "False"
+
+    # A change that renders the same children writes none of them: apply is idempotent.
+    writes = {key: len(api.objects[key].history) for _, _, key in children(api, spec)}
+    note = {"metadata": {"annotations": {"note": "same spec"}}}
+    await send(api, "PATCH", url(CLUSTERS, NS, NAME), note)
+    await until(
+        lambda: (
+            "same spec"
+            in stored(api, CLUSTERS, NAME)["metadata"]["annotations"].get(
+                "kvcache.io/last-handled-configuration", ""
+            )
+        ),
+        "the change handled",
+    )
+    assert {key: len(api.objects[key].history) for key in writes} == writes
+
+
+async def test_children_no_longer_rendered_are_deleted_and_only_those(api):
+    spec = {"nodes": 3, "allowedNamespaces": ["team-b"], "router": {"enabled": True}}
+    await apply_cluster(api, **spec)
+    await until(lambda: all(live for _, live, _ in children(api, spec)), "every child")
+    # Someone else's object carrying the cluster's labels, but not owned by it.
+    lookalike = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "notes", "namespace": NS, "labels": REF.children_selector()},
+    }
+    await send(api, "POST", url("v1/configmaps", NS), lookalike)
+
+    smaller = {"nodes": 3, "router": {"enabled": False}, "etcd": {"managed": False,
+               "endpoint": "etcd.infra.svc:2379"}}  # fmt: skip
+    await patch_cluster(api, **smaller | {"allowedNamespaces": None})
+    await until(lambda: status(api).get("observedGeneration") == 2, "the change applied")
+    kept = {key for _, _, key in children(api, smaller)}
+    for _, live, key in children(api, spec):
+        assert (live is not None) == (key in kept), key
+    assert stored(api, "v1/configmaps", "notes") is not None
+
+
+async def test_changing_nodes_scales_the_statefulset(api):
+    await apply_cluster(api, nodes=3)
+    await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+
+    await patch_cluster(api, nodes=4)  # what `kubectl scale kvcache/demo --replicas 4` does
+    nodes = await until(
+        lambda: (sts := stored(api, STATEFULSETS, REF.nodes))["spec"]["replicas"] == 4 and sts,
+        "4 replicas",
+    )
+    assert nodes["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    await until(lambda: status(api).get("observedGeneration") == 2, "the change observed")
+    assert status(api)["ready"] == "0/4"
+
+
+async def test_status_follows_the_nodes_readiness(api):
+    await apply_cluster(api, nodes=3)
+    await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+    nodes_status = url(STATEFULSETS, NS, REF.nodes) + "/status"
+
+    # What the StatefulSet controller reports as pods start.
+    await send(api, "PATCH", nodes_status, {"status": {"replicas": 3, "readyReplicas": 1}})
+    await until(lambda: status(api).get("ready") == "1/3", "1 of 3 ready")
+    assert status(api)["phase"] == "Progressing"
+    assert condition(api, "Progressing") | {"lastTransitionTime": None} == {
+        "type": "Progressing",
+        "status": "True",
+        "reason": "NodesStarting",
+        "message": "1 of 3 cache nodes ready",
+        "observedGeneration": 1,
+        "lastTransitionTime": None,
+    }
+
+    await send(api, "PATCH", nodes_status, {"status": {"replicas": 3, "readyReplicas": 3}})
+    await until(lambda: status(api).get("phase") == "Ready", "Ready")
+    assert status(api)["readyNodes"] == 3
+    assert [(c["type"], c["status"]) for c in status(api)["conditions"]] == [
+        ("Ready", "True"),
+        ("Progressing", "False"),
+        ("Degraded", "False"),
+    ]
+
+
+async def test_the_timer_reports_usage_hit_rate_and_engines(api):
+    usage = {  # the /stats of two nodes; the third does not answer (the emulator fails it)
+        f"{REF.nodes}-0": {
+            "memory_budget_bytes": 4 * GiB,
+            "memory_used_bytes": GiB,
+            "hits": 30,
+            "misses": 10,
+        },
+        f"{REF.nodes}-1": {
+            "memory_budget_bytes": 4 * GiB,
+            "memory_used_bytes": GiB // 2,
+            "disk_budget_bytes": 10 * GiB,
+            "disk_used_bytes": 2 * GiB,
+            "hits": 5,
+            "misses": 5,
+        },
+    }
+    api["get /stats"] << (lambda request: usage[request.url.host.split(".")[0]])
+    await apply_cluster(api, nodes=3)
+    await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+    nodes_status = url(STATEFULSETS, NS, REF.nodes) + "/status"
+    await send(api, "PATCH", nodes_status, {"status": {"replicas": 3, "readyReplicas": 3}})
+    await create_engine(api, NS, NAME)
+
+    await until(lambda: status(api).get("engines") == 1, "one engine joined")
+    await until(lambda: status(api).get("capacity") == "18Gi", "capacity")
+    assert (status(api)["used"], status(api)["hitRate"]) == ("3.5Gi", "70.0%")
+
+
+async def test_an_invalid_spec_is_degraded_until_fixed(api):
+    await apply_cluster(api, nodes=2, replication=3)  # the CRD's CEL rule would refuse it
+    await until(lambda: status(api).get("phase") == "Degraded", "Degraded")
+    degraded = condition(api, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "replication must not exceed nodes" in degraded["message"]
+    assert stored(api, STATEFULSETS, REF.nodes) is None
+
+    await patch_cluster(api, replication=2)
+    await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+    await until(lambda: condition(api, "Degraded").get("status") == "False", "not Degraded")
+    assert status(api)["phase"] == "Pending"
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines
+
+
+async def test_annotating_an_engine_joins_it_and_removing_the_annotation_restores_it(api):
+    await apply_cluster(api, nodes=3)
+    original = await create_engine(api, NS)
+    annotate = {"metadata": {"annotations": {CLUSTER_ANNOTATION: NAME}}}
+
+    await send(api, "PATCH", url(DEPLOYMENTS, NS, "vllm"), annotate)  # kubectl annotate
+    patched = await until(lambda: joined(api, NS), "the engine joined")
+    cluster = stored(api, CLUSTERS, NAME)
+    settings = engine_settings(
+        KVCacheClusterSpec.from_dict(cluster["spec"]), REF, cluster["metadata"]["uid"], NS
+    )
+    annotated = apply_merge_patch(original, annotate)
+    expected = apply_merge_patch(annotated, join_engine(annotated, settings))
+    assert without_versions(patched) == without_versions(expected)
+
+    remove = {"metadata": {"annotations": {CLUSTER_ANNOTATION: None}}}
+    await send(api, "PATCH", url(DEPLOYMENTS, NS, "vllm"), remove)  # kubectl annotate ...-
+    await until(lambda: not joined(api, NS), "the engine left")
+    assert without_versions(stored(api, DEPLOYMENTS, "vllm", NS)) == without_versions(original)
+
+
+async def test_a_changed_cluster_rejoins_its_engines_and_namespaces_must_be_allowed(api):
+    await apply_cluster(api, nodes=3, codec="int8")
+    await create_engine(api, NS, NAME)
+    await until(lambda: joined(api, NS), "the engine joined")
+    assert env(joined(api, NS))["KVCACHE_CODEC"] == "int8"
+
+    await patch_cluster(api, codec="none")
+    await until(lambda: env(joined(api, NS))["KVCACHE_CODEC"] == "none", "the engine re-joined")
+
+    # Another namespace may join only once the cluster lists it.
+    await create_engine(api, "team-c", f"{NS}/{NAME}")
+    await until(
+        lambda: any(
+            event.get("reason") == "JoinRefused"
+            and event["involvedObject"]["namespace"] == "team-c"
+            for (resource, _, _), obj in api.objects.items()
+            if resource == EVENTS and not obj.deleted
+            for event in [obj.raw]
+        ),
+        "a JoinRefused event",
+    )
+    assert not joined(api, "team-c")
+    await patch_cluster(api, allowedNamespaces=["team-c"])
+    other = await until(lambda: joined(api, "team-c"), "the other namespace's engine joined")
+    # Namespace isolation: the two namespaces key their chunks with different salts.
+    assert env(other)["KVCACHE_TENANT_SALT"] != env(joined(api, NS))["KVCACHE_TENANT_SALT"]
+
+
+async def test_deleting_the_cluster_removes_what_owner_references_cannot(api):
+    spec = {"nodes": 3, "allowedNamespaces": ["team-b"]}
+    await apply_cluster(api, **spec)
+    original = await create_engine(api, "team-b", f"{NS}/{NAME}")
+    await until(lambda: joined(api, "team-b"), "the engine joined")
+    await until(lambda: all(live for _, live, _ in children(api, spec)), "every child")
+    uid = stored(api, CLUSTERS, NAME)["metadata"]["uid"]
+
+    await send(api, "DELETE", url(CLUSTERS, NS, NAME))
+    await until(lambda: stored(api, CLUSTERS, NAME) is None, "the cluster gone")
+
+    # The engine left, restored exactly as its owner wrote it.
+    engine_now = stored(api, DEPLOYMENTS, "vllm", "team-b")
+    assert without_versions(engine_now) == without_versions(original)
+    for manifest, live, _ in children(api, spec):
+        if manifest["metadata"]["namespace"] == "team-b":
+            assert live is None, manifest["metadata"]  # removed by the operator
+        else:  # left to the garbage collector, which this emulator does not run
+            assert [owner["uid"] for owner in live["metadata"]["ownerReferences"]] == [uid]
