@@ -51,9 +51,11 @@ class PrefixIndex:
         self._all_bits = 0  # every registered engine's bit
         self._free_slots: list[int] = []  # a heap: the lowest free bit is reused first
         self._slots = itertools.count()
-        # (expiry, tie-breaker, engine, hash) of speculative entries, soonest first; an entry
-        # since confirmed, refreshed or dropped is skipped when it comes up.
-        self._expiries: list[tuple[float, int, _Engine, int]] = []
+        # (expiry, tie-breaker, engine bit, hash): one per speculative entry, soonest first, of
+        # plain numbers (the collector need not track them). A refresh only moves the entry's
+        # expiry in its LRU; when the stale time comes up the entry is pushed again at its new
+        # time, so the heap stays as large as the speculative entries, not as the refreshes.
+        self._expiries: list[tuple[float, int, int, int]] = []
         self._tie = itertools.count()
 
     def add_engine(self, engine: str, capacity_blocks: int | None = None) -> None:
@@ -93,7 +95,7 @@ class PrefixIndex:
         expiry = now + ttl_s
         for block_hash in block_hashes:
             if self._hold(state, block_hash, expiry):
-                heapq.heappush(self._expiries, (expiry, next(self._tie), state, block_hash))
+                heapq.heappush(self._expiries, (expiry, next(self._tie), state.bit, block_hash))
 
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """For each engine holding the request's first block, how many leading blocks of the
@@ -144,8 +146,9 @@ class PrefixIndex:
         return state
 
     def _hold(self, state: _Engine, block_hash: int, expiry: float | None) -> bool:
-        """Holds a block, confirmed (`expiry` None) or speculative; True when the entry is now
-        speculative until `expiry` (the caller schedules that)."""
+        """Holds a block, confirmed (`expiry` None) or speculative; True when a new speculative
+        entry needs its expiry scheduled (a refreshed one is rescheduled when its old time
+        comes)."""
         lru = state.lru
         if block_hash not in lru:
             lru[block_hash] = expiry
@@ -157,10 +160,9 @@ class PrefixIndex:
         if expiry is None or current is None:  # confirming, or confirmed already
             lru[block_hash] = None
             return False
-        if expiry <= current:
-            return False
-        lru[block_hash] = expiry
-        return True
+        if expiry > current:
+            lru[block_hash] = expiry
+        return False
 
     def _drop(self, state: _Engine, block_hash: int) -> None:
         if block_hash in state.lru:
@@ -187,8 +189,14 @@ class PrefixIndex:
     def _expire(self, now: float) -> None:
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
-            expiry, _, state, block_hash = heapq.heappop(expiries)
-            if state.lru.get(block_hash) == expiry:
+            expiry, _, bit, block_hash = heapq.heappop(expiries)
+            state = self._engines.get(self._by_bit.get(bit, ""))
+            current = None if state is None else state.lru.get(block_hash)
+            if current is None:  # confirmed, dropped, or its engine is gone
+                continue
+            if current > expiry:  # refreshed since: check again then
+                heapq.heappush(expiries, (current, next(self._tie), bit, block_hash))
+            elif current == expiry:
                 del state.lru[block_hash]
                 self._release(state, block_hash)
 

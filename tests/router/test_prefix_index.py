@@ -106,6 +106,20 @@ def test_speculation_never_downgrades_and_a_refresh_extends_it():
     assert index.match([5]) == {}
 
 
+def test_refreshing_entries_keeps_one_scheduled_expiry_each():
+    """A router refreshes a hot prefix on every request: the expiry heap must stay as large as the
+    entries (each holding plain numbers), not grow with the refreshes until they expire."""
+    clock = Clock()
+    index = PrefixIndex(clock=clock)
+    hashes = list(range(64))
+    for _ in range(1000):
+        index.add_speculative("a", hashes, ttl_s=300)
+        clock.now += 0.01
+    assert len(index._expiries) == len(hashes)
+    clock.now += 301
+    assert index.match(hashes) == {} and not index._expiries
+
+
 def test_an_expired_entry_never_pushes_a_live_one_out():
     clock = Clock()
     index = PrefixIndex(default_capacity_blocks=2, clock=clock)
