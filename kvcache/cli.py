@@ -84,9 +84,23 @@ def _up(args: argparse.Namespace) -> None:
     run_local_demo(settings)
 
 
+def _pod_namespace() -> str:
+    """The namespace this pod runs in (its service account says), for discovery's default."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if not path.exists():
+        raise ValueError("--engine-selector outside a pod needs --engine-namespace")
+    return path.read_text().strip()
+
+
 def _router(args: argparse.Namespace) -> None:
     from kvcache.router.policy import EngineEvents, PolicySettings
-    from kvcache.router.serve import ClusterSettings, RouterSettings, parse_named, serve
+    from kvcache.router.serve import (
+        ClusterSettings,
+        PodDiscovery,
+        RouterSettings,
+        parse_named,
+        serve,
+    )
 
     try:
         engines = parse_named(args.engine, "engine")
@@ -109,7 +123,12 @@ def _router(args: argparse.Namespace) -> None:
                 kv_dtype=args.kv_dtype,
                 chunk_tokens=args.chunk_tokens,
             )
+        discovery = None
+        if args.engine_selector:
+            namespaces = tuple(args.engine_namespace) or (_pod_namespace(),)
+            discovery = PodDiscovery(args.engine_selector, namespaces)
         settings = RouterSettings(
+            discovery=discovery,
             engines=engines,
             events=events,
             tokenizer=args.tokenizer,
@@ -181,7 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8080)
     router.add_argument(
-        "--engine", action="append", required=True, help="NAME=URL of an engine (repeat)"
+        "--engine", action="append", default=[], help="NAME=URL of an engine (repeat)"
+    )
+    router.add_argument(
+        "--engine-selector",
+        help="find engines as the ready pods with these labels (k=v,...; Kubernetes API)",
+    )
+    router.add_argument(
+        "--engine-namespace", action="append", default=[], help="namespace to find engines in"
     )
     router.add_argument(
         "--engine-events", action="append", default=[], help="NAME=tcp://host:port KV events"

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,7 +122,13 @@ class _RelayResponse(StreamingResponse):
             await self.body_iterator.aclose()  # a relay left at a `yield` closes its upstream
 
 
-def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None = None) -> FastAPI:
+def create_app(
+    pool: EnginePool,
+    policy: Policy,
+    settings: ProxySettings | None = None,
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> FastAPI:
+    """`background`: more work to run while the app serves (engine discovery)."""
     settings = settings or ProxySettings()
     metrics = _Metrics()
     state: dict[str, aiohttp.ClientSession] = {}
@@ -136,14 +142,14 @@ def create_app(pool: EnginePool, policy: Policy, settings: ProxySettings | None 
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
             state["session"] = session
-            background = asyncio.create_task(policy.run())
+            tasks = [asyncio.create_task(work()) for work in (policy.run, *background)]
             try:
                 async with watching(pool, session):
                     yield
             finally:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     app = FastAPI(title="kvcache router", lifespan=lifespan)
     app.state.metrics = metrics

@@ -17,7 +17,6 @@ for `history_ttl_s`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,21 +126,45 @@ class PrefixPolicy:
         self._tokenizer = tokenizer
         self._cluster = cluster
         self._events = events or {}
+        self.index_engines: set[str] = set(self._events)
+        self._subscribers: dict[str, asyncio.Task] = {}
+        self._running = False
 
     async def run(self) -> None:
         """Follow every engine's KV events into the index, until cancelled."""
-        subscribers = [
-            KVEventSubscriber(name, where.endpoint, where.replay_endpoint, self.index.apply)
-            for name, where in self._events.items()
-        ]
-        tasks = [asyncio.create_task(subscriber.run()) for subscriber in subscribers]
+        self._running = True
+        self._sync_subscribers()
         try:
-            await asyncio.gather(*tasks)
+            await asyncio.Event().wait()
         finally:
+            self._running = False
+            tasks = list(self._subscribers.values())
+            self._subscribers.clear()
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def set_engines(self, events: dict[str, EngineEvents | None]) -> None:
+        """The engines now in the fleet (discovery), with where they publish KV events: a new
+        engine's events are followed, a gone engine's are dropped from the index."""
+        for name in set(self.index_engines) - set(events):
+            self.index.remove(name)
+        for name in set(events) - set(self.index_engines):
+            self.index.add_engine(name)
+        self.index_engines = set(events)
+        self._events = {name: where for name, where in events.items() if where is not None}
+        if self._running:
+            self._sync_subscribers()
+
+    def _sync_subscribers(self) -> None:
+        for name in set(self._subscribers) - set(self._events):
+            self._subscribers.pop(name).cancel()
+        for name, where in self._events.items():
+            if name not in self._subscribers:
+                subscriber = KVEventSubscriber(
+                    name, where.endpoint, where.replay_endpoint, self.index.apply
+                )
+                self._subscribers[name] = asyncio.create_task(subscriber.run())
 
     def _prompt(self, path: str, payload: dict) -> Prompt:
         token_ids = prompt_token_ids(path, payload)  # vLLM takes them as is: no tokenizer needed

@@ -21,6 +21,7 @@ from kvcache.core.config import ClientConfig, EtcdConfig
 from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace
 from kvcache.core.ring import Member
 from kvcache.router.app import create_app
+from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher
 from kvcache.router.engines import Engine, EnginePool, HealthSettings
 from kvcache.router.policy import ClusterLookup, EngineEvents, PolicySettings, PrefixPolicy
 from kvcache.router.tokenize import Tokenizer
@@ -54,17 +55,27 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class PodDiscovery:
+    """Engines are the ready pods `selector` matches in `namespaces` (Kubernetes API)."""
+
+    selector: str
+    namespaces: tuple[str, ...]
+    api: KubernetesAPI | None = None  # None: the pod's own service account
+
+
+@dataclass(frozen=True)
 class RouterSettings:
-    engines: dict[str, str]  # name -> base URL
+    engines: dict[str, str] = field(default_factory=dict)  # name -> base URL
     events: dict[str, EngineEvents] = field(default_factory=dict)
     tokenizer: str | None = None
     policy: PolicySettings = field(default_factory=PolicySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     cluster: ClusterSettings | None = None
+    discovery: PodDiscovery | None = None
 
     def __post_init__(self) -> None:
-        if not self.engines:
-            raise ValueError("the router needs at least one engine")
+        if bool(self.engines) == bool(self.discovery):
+            raise ValueError("give the router its engines, or a pod selector to find them by")
         unknown = sorted(set(self.events) - set(self.engines))
         if unknown:
             raise ValueError(f"KV events given for engines that are not listed: {unknown}")
@@ -91,7 +102,22 @@ def build_app(settings: RouterSettings) -> FastAPI:
     policy = PrefixPolicy(settings.policy, tokenizer, cluster, settings.events)
     for name in settings.engines:
         policy.index.add_engine(name)
-    return create_app(pool, policy)
+    background = []
+    if settings.discovery is not None:
+
+        def engines_changed(engines: dict[str, DiscoveredEngine]) -> None:
+            pool.set_engines(Engine(engine.name, engine.url) for engine in engines.values())
+            policy.set_engines({engine.name: engine.events for engine in engines.values()})
+
+        found = settings.discovery
+        watcher = PodWatcher(
+            found.api or KubernetesAPI.in_cluster(),
+            list(found.namespaces),
+            found.selector,
+            engines_changed,
+        )
+        background.append(watcher.run)
+    return create_app(pool, policy, background=background)
 
 
 def serve(settings: RouterSettings, host: str, port: int, log_level: str = "info") -> None:

@@ -233,15 +233,12 @@ def test_the_router_may_read_pods_in_every_namespace_allowed_to_join():
     assert namespaces == ["llm", "team-a", "team-b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: `kvcache router` has no Kubernetes discovery flags yet "
-    "(--engine-selector, --engine-namespace; engines' ports from pod annotations)",
-)
 def test_the_router_command_is_one_the_cli_accepts():
     (deployment,) = by_kind(render("everything").owned, "Deployment")
     flags = build_parser().parse_args(container(deployment)["command"][1:])
     assert flags.block_size == 128 and flags.hash_seed == "0"
+    assert flags.engine_selector and flags.engine_namespace == ["llm", "team-a", "team-b"]
+    assert flags.engine == []  # every engine comes from discovery
 
 
 def test_the_client_settings_are_what_the_vllm_connector_reads():

@@ -75,3 +75,13 @@ def test_a_prefix_the_cluster_holds_lets_an_idle_engine_win_over_a_busy_gpu_hit(
     finally:
         warm.close()
         dead.close()
+
+
+def test_engines_that_discovery_drops_leave_the_index():
+    policy = PrefixPolicy(PolicySettings(block_size=BLOCK))
+    hashes = block_hashes(list(range(2 * BLOCK)), BLOCK, "0")
+    policy.set_engines({"ml/a": None, "ml/b": EngineEvents("tcp://10.0.0.2:5557")})
+    for name in ("ml/a", "ml/b"):
+        policy.index.add_speculative(name, hashes, ttl_s=300)
+    policy.set_engines({"ml/a": None})
+    assert policy.index.match(hashes) == {"ml/a": 2}
