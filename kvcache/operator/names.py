@@ -13,6 +13,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kvcache.core.engine_labels import (  # noqa: F401 - the operator's names
+    CLUSTER_LABEL,
+    CLUSTER_NAMESPACE_LABEL,
+    ENGINE_PORT,
+    ENGINE_PORT_ANNOTATION,
+    EVENTS_PORT_ANNOTATION,
+    REPLAY_PORT_ANNOTATION,
+)
 from kvcache.operator.schema import Pattern
 
 # The user's annotation on an engine Deployment: `<name>` or `<namespace>/<name>`.
@@ -21,13 +29,6 @@ CLUSTER_ANNOTATION = "kvcache.io/cluster"
 CONTAINER_ANNOTATION = "kvcache.io/container"
 # What joining added to a Deployment, so that leaving removes exactly that.
 JOINED_ANNOTATION = "kvcache.io/joined"
-# On joined engines (Deployment and pods): the router's discovery selector.
-CLUSTER_LABEL = "kvcache.io/cluster"
-CLUSTER_NAMESPACE_LABEL = "kvcache.io/cluster-namespace"
-# On joined engines' pods: where the router reaches the engine and its KV events.
-ENGINE_PORT_ANNOTATION = "kvcache.io/engine-port"
-EVENTS_PORT_ANNOTATION = "kvcache.io/kv-events-port"
-REPLAY_PORT_ANNOTATION = "kvcache.io/kv-replay-port"
 
 MANAGED_BY = "kvcache-operator"
 NODE, ROUTER, ETCD = "cache-node", "router", "etcd"
@@ -37,7 +38,6 @@ ADMIN_PORT = 7401
 ROUTER_PORT = 8080
 ETCD_PORT = 2379
 ETCD_METRICS_PORT = 2381
-ENGINE_PORT = 8000  # vLLM's default, when the engine's arguments name none
 EVENTS_PORT = 5557
 REPLAY_PORT = 5558
 # The engines' PYTHONHASHSEED: with sha256_cbor, vLLM's block hashes then reproduce in the router.

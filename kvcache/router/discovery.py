@@ -21,14 +21,16 @@ from typing import Any
 
 import aiohttp
 
+from kvcache.core.engine_labels import (
+    ENGINE_PORT,
+    ENGINE_PORT_ANNOTATION,
+    EVENTS_PORT_ANNOTATION,
+    REPLAY_PORT_ANNOTATION,
+)
 from kvcache.router.policy import EngineEvents
 
 log = logging.getLogger(__name__)
 
-ENGINE_PORT_ANNOTATION = "kvcache.io/engine-port"
-EVENTS_PORT_ANNOTATION = "kvcache.io/kv-events-port"
-REPLAY_PORT_ANNOTATION = "kvcache.io/kv-replay-port"
-DEFAULT_ENGINE_PORT = 8000
 _SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -70,7 +72,7 @@ def engine_of(pod: dict[str, Any]) -> DiscoveredEngine | None:
     if not ip or metadata.get("deletionTimestamp") or not _ready(pod):
         return None
     annotations = metadata.get("annotations") or {}
-    port = annotations.get(ENGINE_PORT_ANNOTATION, DEFAULT_ENGINE_PORT)
+    port = annotations.get(ENGINE_PORT_ANNOTATION, ENGINE_PORT)
     events = None
     if EVENTS_PORT_ANNOTATION in annotations:
         replay = annotations.get(REPLAY_PORT_ANNOTATION)

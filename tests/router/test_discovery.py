@@ -12,20 +12,13 @@ from typing import Any
 import pytest
 from kube_emulator import KubernetesEmulator
 
-from kvcache.operator import names
-from kvcache.router import discovery
+from kvcache.core import engine_labels as names
 from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher
 from kvcache.router.policy import EngineEvents
 
 SELECTOR = "kvcache.io/cluster=demo,kvcache.io/cluster-namespace=ml"
 LABELS = {"kvcache.io/cluster": "demo", "kvcache.io/cluster-namespace": "ml"}
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
-
-
-def test_the_router_reads_the_annotations_the_operator_writes():
-    assert discovery.ENGINE_PORT_ANNOTATION == names.ENGINE_PORT_ANNOTATION
-    assert discovery.EVENTS_PORT_ANNOTATION == names.EVENTS_PORT_ANNOTATION
-    assert discovery.REPLAY_PORT_ANNOTATION == names.REPLAY_PORT_ANNOTATION
 
 
 def pod(name: str, ip: str, ready: bool = True, labels: dict | None = None) -> dict[str, Any]:

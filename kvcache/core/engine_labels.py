@@ -1,0 +1,11 @@
+"""What a joined engine's pods carry, written by the operator and read by the router: one
+definition, so the two can never disagree."""
+
+# The router's discovery selector (on joined Deployments and their pods).
+CLUSTER_LABEL = "kvcache.io/cluster"
+CLUSTER_NAMESPACE_LABEL = "kvcache.io/cluster-namespace"
+# Where the router reaches the engine and its KV events (on joined engines' pods).
+ENGINE_PORT_ANNOTATION = "kvcache.io/engine-port"
+EVENTS_PORT_ANNOTATION = "kvcache.io/kv-events-port"
+REPLAY_PORT_ANNOTATION = "kvcache.io/kv-replay-port"
+ENGINE_PORT = 8000  # vLLM's default, when the engine's arguments name none
