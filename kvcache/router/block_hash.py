@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import cbor2
@@ -55,3 +56,36 @@ def block_hashes(token_ids: Sequence[int], block_size: int, hash_seed: str) -> l
     """The hashes vLLM publishes for the full blocks of `token_ids`: what `PrefixIndex.match`
     takes."""
     return [low_64_bits(digest) for digest in block_digests(token_ids, block_size, hash_seed)]
+
+
+class BlockHasher:
+    """`block_hashes` for one engine configuration, remembering each block's digest by its parent
+    and tokens: a conversation's next turn re-hashes only its new blocks (SHA-256 over CBOR is
+    ~2.5 µs a block; a lookup, a tenth of that). Holds up to `capacity_blocks` digests, least
+    recently used out first."""
+
+    def __init__(self, block_size: int, hash_seed: str, capacity_blocks: int = 262_144) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, not {block_size}")
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.capacity_blocks = capacity_blocks
+        self._digests: OrderedDict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = OrderedDict()
+
+    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+        digests, size = self._digests, self.block_size
+        parent = root_digest(self.hash_seed)
+        hashes: list[int] = []
+        for start in range(0, len(token_ids) - size + 1, size):
+            key = (parent, tuple(token_ids[start : start + size]))
+            known = digests.get(key)
+            if known is None:
+                digest = hashlib.sha256(cbor2.dumps((parent, key[1], None), canonical=True))
+                known = digests[key] = (digest.digest(), low_64_bits(digest.digest()))
+                if len(digests) > self.capacity_blocks:
+                    digests.popitem(last=False)
+            else:
+                digests.move_to_end(key)
+            parent = known[0]
+            hashes.append(known[1])
+        return hashes

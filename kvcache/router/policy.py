@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import xxhash
 
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.keys import Namespace, chunk_keys
-from kvcache.router.block_hash import block_hashes
+from kvcache.router.block_hash import BlockHasher
 from kvcache.router.engines import Engine
 from kvcache.router.kv_events import KVEventSubscriber
 from kvcache.router.prefix_index import PrefixIndex
@@ -101,6 +102,7 @@ class ClusterLookup:
 class Decision:
     ranking: list[Engine]
     block_hashes: list[int]
+    speculated_at: float | None = None  # when `routed` entered the blocks (monotonic)
 
 
 def text_chunk_hashes(text: str) -> list[int]:
@@ -123,6 +125,7 @@ class PrefixPolicy:
     ) -> None:
         self.settings = settings
         self.index = PrefixIndex(settings.index_capacity_blocks)
+        self._hasher = BlockHasher(settings.block_size, settings.hash_seed)
         self._tokenizer = tokenizer
         self._cluster = cluster
         self._events = events or {}
@@ -181,7 +184,7 @@ class PrefixPolicy:
         prompt = self._prompt(path, payload)
         if prompt.token_ids is not None:
             block_tokens = self.settings.block_size
-            hashes = block_hashes(prompt.token_ids, block_tokens, self.settings.hash_seed)
+            hashes = self._hasher.hashes(prompt.token_ids)
             prompt_tokens = len(prompt.token_ids)
         else:
             block_tokens = TEXT_CHUNK_CHARS // CHARS_PER_TOKEN
@@ -218,17 +221,23 @@ class PrefixPolicy:
         """The prompt's blocks are on `engine` soon: say so before its events do."""
         if not decision.block_hashes:
             return
-        ttl = (
-            self.settings.speculative_ttl_s
-            if engine.name in self._events
-            else self.settings.history_ttl_s
-        )
-        self.index.add_speculative(engine.name, decision.block_hashes, ttl)
+        self.index.add_speculative(engine.name, decision.block_hashes, self._ttl_s(engine))
+        decision.speculated_at = time.monotonic()
 
     def first_byte(self, decision: Decision, engine: Engine) -> None:
         """The prefill is done: the speculative entries' clock restarts here, so a request that
-        queued longer than their TTL still keeps its prefix's later requests on its engine."""
-        self.routed(decision, engine)
+        queued longer than their TTL still keeps its prefix's later requests on its engine. A
+        prefill done within a quarter of the TTL leaves them be: rewriting a 4K-token prompt's
+        entries costs as much as ranking it."""
+        if decision.speculated_at is None:
+            return
+        if time.monotonic() - decision.speculated_at >= self._ttl_s(engine) / 4:
+            self.routed(decision, engine)
+
+    def _ttl_s(self, engine: Engine) -> float:
+        if engine.name in self._events:
+            return self.settings.speculative_ttl_s
+        return self.settings.history_ttl_s
 
     def engine_down(self, engine: Engine) -> None:
         """An engine that left the rotation may come back restarted, with an empty cache. Its

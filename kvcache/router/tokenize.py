@@ -16,8 +16,13 @@ character chunks (also the mode of a router without a tokenizer).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from kvcache.router.segment_tokens import SegmentTokenizer
+
+log = logging.getLogger(__name__)
 
 TEXT_CHUNK_CHARS = 128  # approximate mode, as vLLM production-stack's prefixaware routing
 
@@ -152,14 +157,52 @@ class Tokenizer:
 
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._formats: dict[str, ContentFormat] = {}  # per template: requests may bring theirs
+        self._segments = self._segment_tokenizer()
+        self._special = self._special_ids() if self._segments is not None else None
+
+    def _segment_tokenizer(self) -> SegmentTokenizer | None:
+        """A cache of the tokenizer's pieces, where it gives exactly the tokenizer's ids on the
+        probes; else None, and every text goes through the tokenizer whole."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        try:
+            segments = SegmentTokenizer(backend)
+        except ValueError as refusal:
+            log.info("tokenizing whole prompts: %s", refusal)
+            return None
+        for probe in _probes([str(token) for token in self._tokenizer.get_added_vocab()]):
+            expected = self._tokenizer.encode(probe, add_special_tokens=False)
+            if segments.encode(probe) != expected:
+                log.warning("tokenizing whole prompts: pieces differ on %r", probe[:80])
+                return None
+        return SegmentTokenizer(backend)  # a fresh cache: the probes are nobody's prompts
+
+    def _special_ids(self) -> tuple[list[int], list[int]] | None:
+        """The ids the tokenizer adds around a text with special tokens on (BOS, ...), as
+        (before, after); None when they are not a plain wrapping."""
+        plain = self._tokenizer.encode(_PROBE_TEXT, add_special_tokens=False)
+        wrapped = self._tokenizer.encode(_PROBE_TEXT, add_special_tokens=True)
+        for start in range(len(wrapped) - len(plain) + 1):
+            if wrapped[start : start + len(plain)] == plain:
+                return wrapped[:start], wrapped[start + len(plain) :]
+        return None
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._segments is None or (add_special_tokens and self._special is None):
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids = self._segments.encode(text)
+        if add_special_tokens:
+            before, after = self._special
+            return before + ids + after
+        return ids
 
     def prompt(self, path: str, payload: dict[str, Any]) -> Prompt:
         """A text prompt's tokens (token-id prompts need no tokenizer: `prompt_token_ids`)."""
         text = request_text(path, payload)
         if path.endswith("chat/completions"):
             return Prompt(self.chat_token_ids(payload), text)
-        special = payload.get("add_special_tokens", True)
-        return Prompt(self._tokenizer.encode(text, add_special_tokens=special), text)
+        return Prompt(self.encode(text, payload.get("add_special_tokens", True)), text)
 
     def chat_token_ids(self, payload: dict[str, Any]) -> list[int]:
         tools = payload.get("tools")
@@ -181,9 +224,23 @@ class Tokenizer:
         if switches["reasoning_effort"] is not None and "enable_thinking" not in kwargs:
             kwargs["enable_thinking"] = switches["reasoning_effort"] != "none"
         messages = conversation(payload.get("messages") or [], self._formats[template])
-        return list(
-            self._tokenizer.apply_chat_template(
-                messages, tools=tools, chat_template=template, tokenize=True, return_dict=False,
-                **kwargs,
-            )
-        )  # fmt: skip
+        rendered = self._tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=template, tokenize=False, **kwargs
+        )
+        return self.encode(rendered, add_special_tokens=False)  # the template has them
+
+
+_PROBE_TEXT = "Hello, world! 12345 \u00e9t\u00e9\n\n  x\ty "
+
+
+def _probes(added_tokens: list[str]) -> list[str]:
+    """Texts that put every added token against letters, digits, spaces and newlines on both
+    sides, and the pieces between them at the very start and end of the text."""
+    edges = ["", " ", "\n", "  ", "\n\n", "x", " x ", "1", "é", "\t", ". "]
+    probes = [_PROBE_TEXT]
+    for token in added_tokens:
+        for before in edges:
+            probes.append(f"{before}{token}{_PROBE_TEXT}")
+            probes.append(f"{_PROBE_TEXT}{before}{token}{before}{token}")
+            probes.append(f"{token}{before}user{before}{token}{before}")
+    return probes

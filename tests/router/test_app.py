@@ -159,6 +159,16 @@ def test_a_client_leaving_mid_stream_cancels_the_engines_work():
             'vllm:num_requests_waiting{engine="1",model_name="m"} 1.0\n',
             (0.0, 3.0),
         ),
+        (  # among other families, a label value with spaces and braces, a timestamp
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="a } b",engine="0"} 4 1700000000000\n'
+            'vllm:num_requests_running_seconds_bucket{le="+Inf",model_name="m"} 9.0\n'
+            'vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="m"} 0.0\n'
+            'vllm:num_requests_waiting{model_name="m"} 1.5\n'
+            'python_gc_objects_collected_total{generation="0"} 1234.0\n',
+            (4.0, 1.5),
+        ),
     ],
 )
 def test_engine_load_is_read_from_vllm_gauges(text, expected):

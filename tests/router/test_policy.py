@@ -85,3 +85,21 @@ def test_engines_that_discovery_drops_leave_the_index():
         policy.index.add_speculative(name, hashes, ttl_s=300)
     policy.set_engines({"ml/a": None})
     assert policy.index.match(hashes) == {"ml/a": 2}
+
+
+def test_a_long_prefill_restarts_the_speculative_entries_clock_and_a_short_one_does_not():
+    ids = list(range(4 * BLOCK))
+    settings = PolicySettings(block_size=BLOCK, speculative_ttl_s=0.4)
+    engines = [Engine("a", "http://a")]
+
+    def matched_after(wait_before_first_byte_s: float) -> dict[str, int]:
+        policy = PrefixPolicy(settings, events={"a": EngineEvents("tcp://a:1")})
+        decision = asyncio.run(policy.rank("/v1/completions", {"prompt": ids}, engines))
+        policy.routed(decision, engines[0])
+        time.sleep(wait_before_first_byte_s)
+        policy.first_byte(decision, engines[0])
+        time.sleep(0.45 - wait_before_first_byte_s)  # past the TTL counted from routing
+        return policy.index.match(decision.block_hashes)
+
+    assert matched_after(0.15) == {"a": 4}  # queued past a quarter of the TTL: refreshed
+    assert matched_after(0.0) == {}  # answered at once: left to expire (no event came)
