@@ -8,11 +8,17 @@ its `test` ops (422, which kopf retries later), names objects created with `gene
 (kopf's Events), filters lists by `labelSelector` (the operator prunes children found by
 labels), and starts a watch where the list it follows ended, missing no change and repeating
 none (kmock replays every object: kopf then handles a stale copy after its own patch, and waits
-for an event that does not come). This class adds exactly that.
+for an event that does not come). It also refuses what the operator must work around: a
+StatefulSet update beyond the fields an update may change (422), a claim that shrinks (422) or
+grows where its StorageClass lacks `allowVolumeExpansion` (403, the PersistentVolumeClaimResize
+admission plugin), for merge patches; and an object deleted with `propagationPolicy: Orphan`
+stays a moment, held by the `orphan` finalizer, while the garbage collector releases what it
+owns. This class adds exactly that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,10 +26,29 @@ from typing import Any
 import aiohttp.web
 import jsonpatch
 import kmock
+from json_merge_patch import apply_merge_patch
+
+from kvcache.core.config import parse_bytes
+
+STORAGE_CLASSES = "storage.k8s.io/v1/storageclasses"
+ORPHANING_S = 0.3  # how long the garbage collector takes to release an orphaning object
+# apps/v1 validation: the only parts of a StatefulSet's spec an update may change.
+STATEFULSET_UPDATABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
 
 
 class KubernetesEmulator(kmock.KubernetesEmulator):
     revision = 0  # the last resourceVersion given out, across all objects (etcd's revision)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.collecting: set[asyncio.Task[None]] = set()
 
     def next_version(self) -> str:
         self.revision += 1
@@ -33,6 +58,13 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         # No await before the parent takes its lock: the check and the write stay atomic.
         if request.resource is not None and request.action == kmock.action.CREATE:
             self._created(request.data)
+        elif (
+            request.resource is not None
+            and request.action == kmock.action.DELETE
+            and isinstance(request.data, dict)
+            and request.data.get("propagationPolicy") == "Orphan"
+        ):
+            self._orphaning(request)
         elif request.resource is not None and request.action == kmock.action.UPDATE:
             try:
                 current = self.objects[request.resource, request.namespace, request.name]
@@ -108,6 +140,10 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
                     {"op": "add", "path": "/metadata/generation", "value": generation}
                 )
             return
+        if spec_changed and request.resource.plural == "statefulsets":
+            self._check_statefulset(current, request.data)
+        if spec_changed and request.resource.plural == "persistentvolumeclaims":
+            self._check_claim(current, request.data)
         metadata = request.data.setdefault("metadata", {})
         expected = metadata.get("resourceVersion")
         if expected is not None and expected != current["metadata"].get("resourceVersion"):
@@ -117,3 +153,65 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         metadata["resourceVersion"] = self.next_version()
         if spec_changed and "spec" in request.data:
             metadata["generation"] = current["metadata"].get("generation", 0) + 1
+
+    def _check_statefulset(self, current: dict[str, Any], patch: dict[str, Any]) -> None:
+        def fixed(statefulset: dict[str, Any]) -> dict[str, Any]:
+            spec = statefulset.get("spec", {})
+            return {key: value for key, value in spec.items() if key not in STATEFULSET_UPDATABLE}
+
+        if fixed(apply_merge_patch(current, patch)) != fixed(current):
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message="spec: Forbidden: updates to statefulset spec for fields other than "
+                + ", ".join(f"'{key}'" for key in STATEFULSET_UPDATABLE)
+                + " are forbidden",
+            )
+
+    def _check_claim(self, current: dict[str, Any], patch: dict[str, Any]) -> None:
+        def size(claim: dict[str, Any]) -> str | None:
+            return claim.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+
+        asked, held = size(patch), size(current)
+        if asked is None or held is None or parse_bytes(asked) == parse_bytes(held):
+            return
+        if parse_bytes(asked) < parse_bytes(held):
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message="spec.resources.requests.storage: Forbidden: field can not be less "
+                "than previous value",
+            )
+        try:
+            storage_class = self.objects[
+                STORAGE_CLASSES, None, current["spec"].get("storageClassName")
+            ].raw
+        except KeyError:
+            storage_class = {}
+        if not storage_class.get("allowVolumeExpansion"):
+            raise kmock.KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message="only dynamically provisioned pvc can be resized and the storageclass "
+                "that provisions the pvc must support resize",
+            )
+
+    def _orphaning(self, request: kmock.Request) -> None:
+        """Hold the object with the `orphan` finalizer (the parent then only marks it deleted),
+        and release it a moment later, as the garbage collector does."""
+        try:
+            current = self.objects[request.resource, request.namespace, request.name]
+        except KeyError:
+            return
+        if current.deleted:
+            return
+        finalizers = current.raw["metadata"].get("finalizers", [])
+        current.patch({"metadata": {"finalizers": [*finalizers, "orphan"]}})
+        task = asyncio.create_task(self._collect(request.url.path))
+        self.collecting.add(task)
+        task.add_done_callback(self.collecting.discard)
+
+    async def _collect(self, path: str) -> None:
+        await asyncio.sleep(ORPHANING_S)
+        async with self.request("PATCH", path, json={"metadata": {"finalizers": []}}) as response:
+            assert response.status == 200, await response.text()

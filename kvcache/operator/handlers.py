@@ -4,20 +4,24 @@ Thin on purpose: each handler reads what it needs, asks the pure modules what sh
 the children; apply: the patch to each; observed: the status; engines: an engine's patch), and
 sends that through kvcache.operator.kube.
 
-- `reconcile` (a cluster created, changed, or found at start): apply the children, delete the
-  ones no longer rendered, write status, and (re)join the engines that ask for the cluster.
+- `reconcile` (a cluster created, changed, or found at start): apply the children (a disk size
+  change replaces the nodes' StatefulSet: kvcache.operator.volumes), delete the ones no longer
+  rendered, write status, and (re)join the engines that ask for the cluster.
 - `nodes_changed` (the nodes' StatefulSet changed): status follows the nodes' readiness.
-- `observe` (every KVCACHE_STATUS_INTERVAL seconds): the nodes' /stats and the engines joined.
+- `observe` (every KVCACHE_STATUS_INTERVAL seconds): apply the children again, which puts back
+  any edited or deleted by hand, and read the nodes' /stats and the engines joined.
 - `cleanup` (a cluster deleted; kopf's finalizer holds it until this succeeds): owner references
   let the garbage collector take the children; this removes what they cannot reach (the
   router's Roles in other namespaces) and has the joined engines leave.
 - `engine_changed` (a Deployment annotated kvcache.io/cluster, or joined, changed): join or
   leave. Event handlers keep no state on the object, so a Deployment that leaves is restored
-  exactly: kopf writes nothing of its own onto users' Deployments.
+  exactly: kopf writes nothing of its own onto users' Deployments, and the operator's records
+  (what joining added, why it was refused) go once they no longer hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -26,28 +30,32 @@ from typing import Any
 
 import kopf
 
-from kvcache.operator.apply import apply_patch, covers, stamped
+from kvcache.operator.apply import covers
+from kvcache.operator.children import (
+    ROLE_BINDINGS,
+    ROLES,
+    Applied,
+    apply_children,
+    prune_children,
+)
 from kvcache.operator.crd import GROUP, PLURAL, VERSION
 from kvcache.operator.engines import engine_patch, requested_cluster
 from kvcache.operator.join import JoinError
-from kvcache.operator.kube import (
-    CHILD_KINDS,
-    CLUSTERS,
-    DEPLOYMENTS,
-    STATEFULSETS,
-    Conflict,
-    Kube,
-    Manifest,
-    resource_of,
-)
+from kvcache.operator.kube import CLUSTERS, DEPLOYMENTS, STATEFULSETS, Conflict, Kube
 from kvcache.operator.names import (
     CLUSTER_ANNOTATION,
     JOINED_ANNOTATION,
     MANAGED_BY,
     NODE,
+    REFUSED_ANNOTATION,
     ClusterRef,
 )
-from kvcache.operator.observed import Observation, cluster_status, invalid_status
+from kvcache.operator.observed import (
+    Observation,
+    cluster_status,
+    invalid_status,
+    standing_problem,
+)
 from kvcache.operator.render import ClusterObjects, rbac_labels, render_cluster
 from kvcache.operator.schema import SpecError, to_dict
 from kvcache.operator.spec import KVCacheClusterSpec
@@ -57,8 +65,6 @@ LOGGER = logging.getLogger("kvcache.operator")
 # Read once, at import: kopf fixes a timer's interval when the handler is registered.
 STATUS_INTERVAL_S = float(os.environ.get("KVCACHE_STATUS_INTERVAL", "30"))
 FINALIZER = "kvcache.io/cleanup"
-ROLES = CHILD_KINDS["rbac.authorization.k8s.io/v1", "Role"]
-ROLE_BINDINGS = CHILD_KINDS["rbac.authorization.k8s.io/v1", "RoleBinding"]
 NODE_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/component": NODE}
 
 
@@ -95,15 +101,18 @@ async def reconcile(
         status = invalid_status(str(error), body.meta.get("generation"), _conditions(body), _now())
         patch.status.update(to_dict(status))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
-    objects = render_cluster(spec, ref, memo.image)
-    kopf.adopt(objects.owned, owner=body)
+    objects = _render(body, ref, spec, memo)
     try:
-        applied = {_key(manifest): await _apply(kube, manifest) for manifest in _all(objects)}
-        await _prune(kube, ref, body.meta["uid"], objects)
+        async with _apply_lock(memo):
+            applied = await apply_children(kube, objects)
+            await prune_children(kube, ref, body.meta["uid"], objects)
     except Conflict as error:
         raise kopf.TemporaryError(str(error), delay=1) from error
-    nodes = applied[STATEFULSETS.plural, ref.namespace, ref.nodes]
-    seen = Observation.of_statefulset(body.meta.get("generation"), nodes, rendered=True)
+    _announce(body, applied)
+    nodes = applied.live[STATEFULSETS.plural, ref.namespace, ref.nodes]
+    seen = Observation.of_statefulset(
+        body.meta.get("generation"), nodes, rendered=True, problem=applied.problem
+    )
     patch.status.update(to_dict(cluster_status(spec, ref, seen, _conditions(body), _now())))
     for namespace, name in engine_requests.get((ref.namespace, ref.name), ()):
         engine = await kube.read(DEPLOYMENTS, namespace, name)
@@ -132,9 +141,9 @@ async def nodes_changed(
         return  # reconcile reports it
     if body.meta["name"] != ref.nodes:
         return
-    generation = cluster["metadata"].get("generation")
-    seen = Observation.of_statefulset(generation, body)
-    status = to_dict(cluster_status(spec, ref, seen, _conditions(cluster), _now()))
+    generation, conditions = cluster["metadata"].get("generation"), _conditions(cluster)
+    seen = Observation.of_statefulset(generation, body, problem=standing_problem(conditions))
+    status = to_dict(cluster_status(spec, ref, seen, conditions, _now()))
     if not covers(cluster.get("status") or {}, status):
         await kube.patch(CLUSTERS, namespace, ref.name, {"status": status}, subresource="status")
 
@@ -146,6 +155,20 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any)
         ref, spec = _parse(body)
     except SpecError:
         return  # reconcile reports it
+    problem = standing_problem(_conditions(body))
+    # Only a generation reconcile has applied: a newer one is reconcile's to apply first.
+    if body.meta.get("generation") == body.status.get("observedGeneration"):
+        objects = _render(body, ref, spec, memo)
+        try:
+            async with _apply_lock(memo):
+                applied = await apply_children(kube, objects)
+        except Conflict as error:
+            LOGGER.info("%s: children changing meanwhile, repaired next time: %s", ref, error)
+        else:
+            _announce(body, applied)
+            if applied.written:
+                LOGGER.info("%s: put back %s", ref, ", ".join(applied.written))
+            problem = applied.problem
     nodes = await kube.read(STATEFULSETS, ref.namespace, ref.nodes)
     running = Observation.of_statefulset(None, nodes).current_nodes
     seen = Observation.of_statefulset(
@@ -153,6 +176,7 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any)
         nodes,
         usage=await read_usage(ref, range(running), LOGGER),
         engines=len(await kube.list(DEPLOYMENTS, None, ref.engine_labels())),
+        problem=problem,
     )
     patch.status.update(to_dict(cluster_status(spec, ref, seen, _conditions(body), _now())))
 
@@ -194,49 +218,23 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _all(objects: ClusterObjects) -> tuple[Manifest, ...]:
-    return (*objects.owned, *objects.elsewhere)
+def _render(
+    body: kopf.Body, ref: ClusterRef, spec: KVCacheClusterSpec, memo: kopf.Memo
+) -> ClusterObjects:
+    objects = render_cluster(spec, ref, memo.image)
+    kopf.adopt(objects.owned, owner=body)
+    return objects
 
 
-def _key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
-    """What identifies a child, on rendered objects and on listed ones (list items carry no
-    kind): its resource, namespace and name."""
-    metadata = manifest["metadata"]
-    return resource_of(manifest).plural, metadata["namespace"], metadata["name"]
+def _apply_lock(memo: kopf.Memo) -> asyncio.Lock:
+    """One apply at a time per cluster (kopf gives each object its own memo): the timer's
+    repair must not interleave with the reconcile of a newer spec and put back the old one."""
+    return memo.setdefault("apply_lock", asyncio.Lock())
 
 
-async def _apply(kube: Kube, manifest: Manifest) -> Manifest:
-    """Create the child, or patch what differs; the live object after."""
-    desired = stamped(manifest)
-    resource = resource_of(desired)
-    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-    live = await kube.read(resource, namespace, name)
-    if live is None:
-        return await kube.create(desired)
-    change = apply_patch(live, desired)
-    if not change:
-        return live
-    patched = await kube.patch(resource, namespace, name, change)
-    if patched is None:
-        raise Conflict(f"{resource.plural} {namespace}/{name} was deleted meanwhile")
-    return patched
-
-
-async def _prune(kube: Kube, ref: ClusterRef, uid: str, objects: ClusterObjects) -> None:
-    """Delete the children this spec no longer renders: in the cluster's namespace those it
-    owns, elsewhere the router's Roles for namespaces no longer allowed to join."""
-    keep = {_key(manifest) for manifest in _all(objects)}
-    for resource in dict.fromkeys(CHILD_KINDS.values()):
-        for live in await kube.list(resource, ref.namespace, ref.children_selector()):
-            metadata = live["metadata"]
-            owners = {owner.get("uid") for owner in metadata.get("ownerReferences", [])}
-            if (resource.plural, ref.namespace, metadata["name"]) not in keep and uid in owners:
-                await kube.delete(resource, ref.namespace, metadata["name"])
-    for resource in (ROLES, ROLE_BINDINGS):
-        for live in await kube.list(resource, None, rbac_labels(ref)):
-            namespace, name = live["metadata"]["namespace"], live["metadata"]["name"]
-            if namespace != ref.namespace and (resource.plural, namespace, name) not in keep:
-                await kube.delete(resource, namespace, name)
+def _announce(cluster: kopf.Body, applied: Applied) -> None:
+    for note in applied.replaced:
+        kopf.info(cluster, reason="StatefulSetReplaced", message=note)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +253,9 @@ async def engine_requests(body: kopf.Body, **_: Any) -> dict[tuple[str, str], tu
 
 
 def _is_engine(annotations: kopf.Annotations, **_: Any) -> bool:
-    return CLUSTER_ANNOTATION in annotations or JOINED_ANNOTATION in annotations
+    return any(
+        key in annotations for key in (CLUSTER_ANNOTATION, JOINED_ANNOTATION, REFUSED_ANNOTATION)
+    )
 
 
 @kopf.on.event("apps", "v1", "deployments", when=_is_engine)
@@ -276,8 +276,6 @@ async def _sync_engine(
 ) -> None:
     """Join `engine` to `cluster` (None: leave), as far as it is not joined so already."""
     result = engine_patch(engine, cluster)
-    if result.problem:
-        kopf.warn(engine, reason="JoinRefused", message=result.problem)
     if not result.patch:
         return
     metadata = engine["metadata"]
@@ -286,3 +284,6 @@ async def _sync_engine(
     except Conflict:
         # Changed since it was read: its own watch event brings the new version here again.
         LOGGER.info("engine %s/%s changed meanwhile", metadata["namespace"], metadata["name"])
+        return
+    if result.announce:  # recorded now: the next passes find it and stay quiet
+        kopf.warn(engine, reason="JoinRefused", message=result.problem or "")

@@ -33,6 +33,8 @@ def _resource(api_version: str, plural: str) -> kopf.Resource:
 CLUSTERS = _resource("kvcache.io/v1alpha1", "kvcacheclusters")
 DEPLOYMENTS = _resource("apps/v1", "deployments")
 STATEFULSETS = _resource("apps/v1", "statefulsets")
+# The StatefulSet controller creates the disk tier's claims; the operator only grows them.
+CLAIMS = _resource("v1", "persistentvolumeclaims")
 # Every kind a KVCacheCluster renders (kvcache.operator.render), by apiVersion and kind.
 CHILD_KINDS: dict[tuple[str, str], kopf.Resource] = {
     ("v1", "ConfigMap"): _resource("v1", "configmaps"),
@@ -50,6 +52,10 @@ CHILD_KINDS: dict[tuple[str, str], kopf.Resource] = {
 
 class Conflict(Exception):
     """The object changed since it was read (409): compute the change again from a fresh read."""
+
+
+class Refused(Exception):
+    """The API server refused a change (422 invalid, 403 forbidden); the message says why."""
 
 
 def resource_of(manifest: Mapping[str, Any]) -> kopf.Resource:
@@ -100,21 +106,40 @@ class Kube:
         name: str,
         patch: Mapping[str, Any],
         subresource: str | None = None,
+        *,
+        once: bool = False,
     ) -> Manifest | None:
-        """Merge-patch (RFC 7386: lists are replaced whole); None if the object is gone."""
+        """Merge-patch (RFC 7386: lists are replaced whole); None if the object is gone,
+        Refused if the change is. `once`: no retries, for a change whose refusal is an answer
+        (kopf's client retries a 403 for about a minute: an upgrading API server answers so)."""
         url = resource.get_url(namespace=namespace, name=name, subresource=subresource)
         try:
-            return await api.patch(url, payload=patch, headers=MERGE_PATCH, **self._context())
+            response = await api.request(
+                "patch",
+                url,
+                payload=patch,
+                headers=MERGE_PATCH,
+                backoffs=() if once else None,
+                **self._context(),
+            )
+            async with response:
+                return await response.json()
         except errors.APINotFoundError:
             return None
         except errors.APIConflictError as error:
             raise Conflict(f"{resource.plural} {namespace}/{name} changed meanwhile") from error
+        except (errors.APIUnprocessableEntityError, errors.APIForbiddenError) as error:
+            raise Refused(error.message or str(error)) from error
 
-    async def delete(self, resource: kopf.Resource, namespace: str, name: str) -> None:
-        """Delete (in the background: the garbage collector removes what it owns); no error if
-        it is gone already."""
+    async def delete(
+        self, resource: kopf.Resource, namespace: str, name: str, *, orphan: bool = False
+    ) -> None:
+        """Delete (in the background: the garbage collector removes what it owns, or with
+        `orphan` leaves it running without this owner); no error if it is gone already."""
+        url = resource.get_url(namespace=namespace, name=name)
+        options = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Orphan"}
         try:
-            await api.delete(resource.get_url(namespace=namespace, name=name), **self._context())
+            await api.delete(url, payload=options if orphan else None, **self._context())
         except errors.APINotFoundError:
             pass
 

@@ -6,6 +6,7 @@ the engine injection, which knows the exact object it wants and must not touch a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,3 +24,17 @@ def diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, An
         elif key not in current or old != value:
             patch[key] = value
     return patch
+
+
+def apply(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` with `patch` applied, as the API server applies it (`current` is left as is)."""
+    result = copy.deepcopy(dict(current))
+    for key, value in patch.items():
+        old = result.get(key)
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, Mapping):
+            result[key] = apply(old if isinstance(old, Mapping) else {}, value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result

@@ -29,6 +29,8 @@ CLUSTER_ANNOTATION = "kvcache.io/cluster"
 CONTAINER_ANNOTATION = "kvcache.io/container"
 # What joining added to a Deployment, so that leaving removes exactly that.
 JOINED_ANNOTATION = "kvcache.io/joined"
+# Why a Deployment could not join, while that holds: a refusal is announced once, not per pass.
+REFUSED_ANNOTATION = "kvcache.io/join-refused"
 
 MANAGED_BY = "kvcache-operator"
 NODE, ROUTER, ETCD = "cache-node", "router", "etcd"

