@@ -12,18 +12,19 @@ vllm-router (round_robin, cache_aware) and sglang-router (round_robin, cache_awa
 process with its defaults but for `--host 127.0.0.1 --prometheus-host 127.0.0.1`.
 
 Workload: streamed chat requests (`stream: true`) of ~4K characters, each one of 8 system prompts
-(the groups) and a short user message that varies. Per target:
-1. a paired baseline: the same open loop sent directly to the engines, round-robin, just before
-   the router starts (the machine is shared: added latency is the router's percentile minus its
-   own baseline's, measured minutes apart at most);
-2. warm-up: one request per group, one at a time, then a second of open loop (not timed, but its
+(the groups) and a short user message that varies. Per target, on its own fresh engines:
+1. warm-up: one request per group, one at a time, then a second of open loop (not timed, but its
    routing counts for the groups);
-3. open loop: `--rate` requests/s (Poisson arrivals, or fixed intervals) for `--duration` s from an
-   asyncio aiohttp client (this process; the routers run in their own). Latency is from sending
-   the request to the last byte of the stream (and to its first byte), measured per request; the
-   router's CPU (utime + stime of its process and children, /proc) over the phase divided by the
-   requests; the engines' likewise (a router that asks the engines to tokenize moves work there);
-4. closed loop: `--clients` clients, each sending its next request when the last one ended, for
+2. `--rounds` rounds of two open loops, each `--rate` requests/s (Poisson arrivals, or fixed
+   intervals) for `--duration` s from an asyncio aiohttp client (this process; the routers run in
+   their own): first sent directly to the engines, round-robin (the baseline), then through the
+   target. The machine is shared and its load drifts, so each round's added latency is the
+   target's percentile minus the baseline's of the same round, and a row gives the median over
+   the rounds (every round's figure is in the JSON). Latency is from sending the request to the
+   last byte of the stream (and to its first byte). The router's CPU (utime + stime of its process
+   and children, /proc) over its open loops divided by the requests; the engines' likewise (a
+   router that asks the engines to tokenize moves work there);
+3. closed loop: `--clients` clients, each sending its next request when the last one ended, for
    `--closed-duration` s: the requests/s completed.
 Groups: every answer names its engine (`system_fingerprint`). A group's home is the engine that
 served most of its requests in phases 2-3; `groups_spread` says whether every engine is home to
@@ -438,27 +439,39 @@ class GroupFigures:
 @dataclass
 class TargetResult:
     target: Target
-    baseline: OpenLoopFigures
-    figures: OpenLoopFigures
+    baselines: list[OpenLoopFigures]  # the direct baseline's rounds
+    rounds: list[OpenLoopFigures]  # the target's rounds, each just after its baseline's
+    figures: OpenLoopFigures  # the target's rounds pooled
     max_rps: float
     router_cpu_ms: float
     engine_cpu_ms: float
     groups: GroupFigures
     closed_stickiness: float
 
+    def added_ms(self, field_name: str) -> list[float]:
+        """Per round, the target's percentile minus its baseline's."""
+        if self.target.key == "direct-rr":
+            return [0.0] * len(self.rounds)
+        return [
+            getattr(mine, field_name) - getattr(direct, field_name)
+            for mine, direct in zip(self.rounds, self.baselines)
+        ]
+
     def row(self) -> dict:
-        paired = self.target.key != "direct-rr"
+        added_p50, added_p99 = self.added_ms("p50_ms"), self.added_ms("p99_ms")
         return {
             "router": self.target.router,
             "policy": self.target.policy,
-            "rps": round(self.figures.rps, 1),
-            "added_p50_ms": round(self.figures.p50_ms - self.baseline.p50_ms, 3) if paired else 0.0,
-            "added_p99_ms": round(self.figures.p99_ms - self.baseline.p99_ms, 3) if paired else 0.0,
+            "rps": round(statistics.mean(figures.rps for figures in self.rounds), 1),
+            "added_p50_ms": round(statistics.median(added_p50), 3),
+            "added_p99_ms": round(statistics.median(added_p99), 3),
             "max_rps": round(self.max_rps, 1),
             "cpu_ms_per_req": round(self.router_cpu_ms, 3),
             "engines_used": self.groups.engines_used,
             "groups_spread": self.groups.spread,
             "group_stickiness": round(self.groups.stickiness, 4),
+            "added_p50_ms_rounds": [round(value, 3) for value in added_p50],
+            "added_p99_ms_rounds": [round(value, 3) for value in added_p99],
         }
 
 
@@ -483,14 +496,13 @@ async def run_target(
         router: Process | None = None
         rng = random.Random(args.seed)
         poisson = args.arrivals == "poisson"
+        baselines: list[OpenLoopFigures] = []
+        rounds: list[OpenLoopFigures] = []
+        served: list[Sample] = []
+        cpu_router = cpu_engines = 0.0
         try:
             direct = destinations(Target("direct-rr", "direct", "round_robin"), fleet, None)
             await asyncio.gather(*(send(session, direct(), *workload.take()) for _ in range(32)))
-            baseline: list[Sample] = []
-            if target.key != "direct-rr":
-                baseline = await open_loop(
-                    session, direct, workload, args.rate, args.duration, rng, poisson
-                )
             router_url = None
             if target.command is not None:
                 port, metrics = free_ports(2)
@@ -511,14 +523,23 @@ async def run_target(
                 body = next(b for g, b in workload.bodies if g == group)
                 routed.append(await send(session, where(), group, body))
             routed += await open_loop(session, where, workload, args.rate, 1.0, rng, poisson)
-            gc.collect()
-            cpu_router = router.cpu_s() if router else 0.0
-            cpu_engines = fleet.cpu_s()
-            samples = await open_loop(
-                session, where, workload, args.rate, args.duration, rng, poisson
-            )
-            cpu_router = (router.cpu_s() if router else 0.0) - cpu_router
-            cpu_engines = fleet.cpu_s() - cpu_engines
+            # rounds: the direct baseline, then the target, in turn, so both see the machine alike
+            for _ in range(args.rounds):
+                if target.key != "direct-rr":
+                    baseline = await open_loop(
+                        session, direct, workload, args.rate, args.duration, rng, poisson
+                    )
+                    baselines.append(OpenLoopFigures.of(baseline))
+                gc.collect()
+                cpu_router -= router.cpu_s() if router else 0.0
+                cpu_engines -= fleet.cpu_s()
+                samples = await open_loop(
+                    session, where, workload, args.rate, args.duration, rng, poisson
+                )
+                cpu_router += router.cpu_s() if router else 0.0
+                cpu_engines += fleet.cpu_s()
+                rounds.append(OpenLoopFigures.of(samples))
+                served += samples
             closed = await closed_loop(session, where, workload, args.clients, args.closed_duration)
             if router is not None and not router.alive():
                 raise RuntimeError(f"{target.key} exited:\n{log_tail(router)}")
@@ -526,13 +547,14 @@ async def run_target(
             if router is not None:
                 router.stop()
             fleet.stop()
-    figures = OpenLoopFigures.of(samples)
+    figures = OpenLoopFigures.of(served)
     ok = max(1, figures.requests - figures.errors)
-    groups = GroupFigures.of(routed + samples, args.engines)
+    groups = GroupFigures.of(routed + served, args.engines)
     closed_home = sum(groups.home_of.get(s.group) == s.engine for s in closed)
     return TargetResult(
         target=target,
-        baseline=OpenLoopFigures.of(baseline) if baseline else figures,
+        baselines=baselines or rounds,
+        rounds=rounds,
         figures=figures,
         max_rps=len([s for s in closed if not s.error]) / args.closed_duration,
         router_cpu_ms=cpu_router * 1e3 / ok,
@@ -725,6 +747,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="open loop, seconds")
     parser.add_argument("--closed-duration", type=float, default=10.0, help="closed loop, s")
     parser.add_argument("--rate", type=float, default=200.0, help="open loop, requests/s")
+    parser.add_argument("--rounds", type=int, default=3, help="baseline + target open loops")
     parser.add_argument("--arrivals", choices=["poisson", "fixed"], default="poisson")
     parser.add_argument("--clients", type=int, default=32, help="closed loop concurrency")
     parser.add_argument("--engines", type=int, default=4)
@@ -770,9 +793,10 @@ def main() -> None:
             results.append(result)
             print_table([result])
     print()
-    print(f"open loop {args.rate:.0f} req/s ({args.arrivals}) for {args.duration:.0f} s; "
+    print(f"open loop {args.rate:.0f} req/s ({args.arrivals}), {args.duration:.0f} s a round; "
           f"closed loop {args.clients} clients for {args.closed_duration:.0f} s; "
-          f"+p50/+p99: against the paired direct round-robin baseline")  # fmt: skip
+          f"+p50/+p99: median over {args.rounds} rounds of the target against the direct "
+          f"round-robin baseline sent just before it")  # fmt: skip
     print_table(results)
     rows = [result.row() for result in results]
     if path_row is not None:
