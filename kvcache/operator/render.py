@@ -428,7 +428,8 @@ def router_deployment(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> 
         # read-only.
         "env": [{"name": "HF_HOME", "value": "/tmp/huggingface"}],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
-        "livenessProbe": _http_probe("/healthz", "http", 10, 3),
+        # live while it serves; ready (in its Service) while it has an engine to route to
+        "livenessProbe": _http_probe("/livez", "http", 10, 3),
         "readinessProbe": _http_probe("/healthz", "http", 5, 2),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [TMP_MOUNT],

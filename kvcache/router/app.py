@@ -6,7 +6,7 @@ streamed answer is relayed chunk by chunk as the engine writes it. If the engine
 or answers 5xx before any byte reached the client, the next engine in the ranking gets the request.
 A client that goes away mid-stream closes the upstream connection, which makes vLLM abort the
 request instead of generating for no one. `/v1/models` asks any healthy engine; `/healthz` is ready
-while one engine is; `/metrics` is Prometheus text.
+while one engine is, `/livez` while the process serves; `/metrics` is Prometheus text.
 """
 
 from __future__ import annotations
@@ -223,6 +223,13 @@ def create_app(
             except (TimeoutError, aiohttp.ClientError):
                 pool.mark_failed(engine)
         return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        """The process serves: Kubernetes' liveness probe. Not /healthz, which fails while no
+        engine is up: a liveness probe on it would restart every router replica (and drop what
+        their indexes hold) whenever the engines are all down or not yet started."""
+        return JSONResponse({"live": True})
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -249,6 +249,22 @@ def test_the_router_command_is_one_the_cli_accepts():
     assert flags.engine == []  # every engine comes from discovery
 
 
+def test_the_routers_probes_restart_it_only_when_it_stops_serving():
+    """With no engine up the router is unready (out of its Service) but alive (not restarted)."""
+    from starlette.testclient import TestClient
+
+    from kvcache.router.app import create_app
+    from kvcache.router.engines import EnginePool
+    from kvcache.router.policy import PolicySettings, PrefixPolicy
+
+    (deployment,) = by_kind(render("everything").owned, "Deployment")
+    probes = container(deployment)
+    app = create_app(EnginePool(), PrefixPolicy(PolicySettings()))
+    with TestClient(app) as client:
+        assert client.get(probes["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        assert client.get(probes["readinessProbe"]["httpGet"]["path"]).status_code == 503
+
+
 def test_the_client_settings_are_what_the_vllm_connector_reads():
     vllm_settings = pytest.importorskip("kvcache.connector.vllm_settings")
     spec = KVCacheClusterSpec.from_dict(SPECS["everything"])

@@ -126,6 +126,7 @@ def test_engines_leave_the_rotation_within_seconds_and_come_back():
         answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
         assert answer.status_code == 503 and "no healthy engine" in answer.text
         assert httpx.get(f"{router.url}/healthz").status_code == 503
+        assert httpx.get(f"{router.url}/livez").status_code == 200  # no restart for that
         engine = ServerThread(fake_engine(state), port=engine.port).start()
         try:
             wait_for(lambda: pool.engines["e0"].healthy, 3, "the engine to come back")
