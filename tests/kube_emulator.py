@@ -32,7 +32,9 @@ from kvcache.core.config import parse_bytes
 
 STORAGE_CLASSES = "storage.k8s.io/v1/storageclasses"
 ORPHANING_S = 0.3  # how long the garbage collector takes to release an orphaning object
-# apps/v1 validation: the only parts of a StatefulSet's spec an update may change.
+# apps/v1 validation: the only parts of a StatefulSet's spec an update may change. Written out
+# here, not imported from kvcache.operator.volumes: the emulator stands for the API server, so the
+# operator's own list must not be what checks it.
 STATEFULSET_UPDATABLE = (
     "replicas",
     "ordinals",
