@@ -122,6 +122,7 @@ def _router(args: argparse.Namespace) -> None:
                 members=tuple(members),
                 kv_dtype=args.kv_dtype,
                 chunk_tokens=args.chunk_tokens,
+                lookup_budget_s=args.cluster_lookup_budget_ms / 1e3,
             )
         discovery = None
         if args.engine_selector:
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--model", help="the model's name in the connectors' chunk keys")
     router.add_argument("--kv-dtype", default="bfloat16", help="the engines' KV dtype")
     router.add_argument("--chunk-tokens", type=int, default=256)
+    router.add_argument(
+        "--cluster-lookup-budget-ms", type=float, default=20.0,
+        help="the longest a request waits for the cluster's answer before it is routed without",
+    )  # fmt: skip
     router.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     router.set_defaults(run=_router)
 

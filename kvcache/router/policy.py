@@ -71,15 +71,24 @@ class EngineEvents:
 class ClusterLookup:
     """How much of a prompt the cache cluster holds, in tokens: the connector's chunk keys, asked
     in one batched lookup on a thread of its own (ZeroMQ sockets are not thread safe, and a slow
-    cluster must never stall the event loop)."""
+    cluster must never stall the event loop).
+
+    A request waits at most `budget_s` for the answer and is routed without it past that: a node
+    that stopped answering costs the client's timeout (then its down-backoff), and requests must
+    not queue behind it. A lookup answered late is dropped, and the thread moves on."""
 
     def __init__(
-        self, client: Callable[[], ClusterClient], namespace: Namespace, chunk_tokens: int
+        self,
+        client: Callable[[], ClusterClient],
+        namespace: Namespace,
+        chunk_tokens: int,
+        budget_s: float = 0.02,
     ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-lookup")
         self._client = self._executor.submit(client).result()
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
+        self.budget_s = budget_s
 
     def _lookup(self, token_ids: list[int]) -> int:
         keys = chunk_keys(token_ids, self.namespace, self.chunk_tokens)
@@ -87,8 +96,14 @@ class ClusterLookup:
 
     async def tokens(self, token_ids: list[int]) -> int:
         loop = asyncio.get_running_loop()
+        lookup = loop.run_in_executor(self._executor, self._lookup, token_ids)
         try:
-            return await loop.run_in_executor(self._executor, self._lookup, token_ids)
+            return await asyncio.wait_for(lookup, self.budget_s)
+        except TimeoutError:
+            log.debug(
+                "cluster lookup over its %.0f ms budget; routing without it", 1e3 * self.budget_s
+            )
+            return 0
         except Exception:  # noqa: BLE001 - a cluster that fails holds nothing
             log.warning("cluster lookup failed", exc_info=True)
             return 0

@@ -37,6 +37,7 @@ class ClusterSettings:
     members: tuple[Member, ...] = ()
     kv_dtype: str = "bfloat16"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    lookup_budget_s: float = 0.02  # a request's longest wait for the cluster's answer
 
     def lookup(self) -> ClusterLookup:
         config = ClientConfig(timeout_s=0.2, down_backoff_s=5.0)
@@ -51,7 +52,7 @@ class ClusterSettings:
                 return ClusterClient(list(self.members), config)
 
         namespace = Namespace(model=self.model, kv_dtype=self.kv_dtype)
-        return ClusterLookup(client, namespace, self.chunk_tokens)
+        return ClusterLookup(client, namespace, self.chunk_tokens, self.lookup_budget_s)
 
 
 @dataclass(frozen=True)

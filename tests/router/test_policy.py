@@ -7,6 +7,8 @@ import asyncio
 import random
 import time
 
+import zmq
+
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.config import ClientConfig
 from kvcache.core.keys import Namespace, chunk_keys
@@ -53,7 +55,7 @@ def test_a_prefix_the_cluster_holds_lets_an_idle_engine_win_over_a_busy_gpu_hit(
 
     def lookup(members) -> ClusterLookup:
         config = ClientConfig(timeout_s=0.2)
-        return ClusterLookup(lambda: ClusterClient(members, config), namespace, 256)
+        return ClusterLookup(lambda: ClusterClient(members, config), namespace, 256, budget_s=1.0)
 
     def first_choice(policy: PrefixPolicy) -> str:
         busy, idle = Engine("a", "http://a", awaiting_first_token=3), Engine("b", "http://b")
@@ -103,3 +105,27 @@ def test_a_long_prefill_restarts_the_speculative_entries_clock_and_a_short_one_d
 
     assert matched_after(0.15) == {"a": 4}  # queued past a quarter of the TTL: refreshed
     assert matched_after(0.0) == {}  # answered at once: left to expire (no event came)
+
+
+def test_a_cluster_that_stops_answering_delays_no_request_past_the_lookup_budget():
+    """A node that takes requests and never answers (a hung process) holds the lookup thread for
+    the client's whole timeout; requests are routed without the cluster after the budget, and
+    the ones queued behind are dropped rather than run late."""
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    member = Member("silent", f"tcp://127.0.0.1:{port}")
+    config = ClientConfig(timeout_s=2.0)
+    namespace = Namespace(model="m", kv_dtype="bfloat16")
+    lookup = ClusterLookup(lambda: ClusterClient([member], config), namespace, 256, budget_s=0.05)
+    ids = list(range(1024))
+
+    async def burst() -> list[int]:
+        return await asyncio.gather(*(lookup.tokens(ids) for _ in range(20)))
+
+    try:
+        started = time.monotonic()
+        assert asyncio.run(burst()) == [0] * 20
+        assert time.monotonic() - started < 0.5  # not 2 s, nor 20 x 2 s
+    finally:
+        lookup.close()
+        silent.close(linger=0)
