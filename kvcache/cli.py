@@ -93,6 +93,7 @@ def _pod_namespace() -> str:
 
 
 def _router(args: argparse.Namespace) -> None:
+    from kvcache.core.secrets import curve_client_keys
     from kvcache.router.policy import EngineEvents, PolicySettings
     from kvcache.router.serve import (
         ClusterSettings,
@@ -123,6 +124,7 @@ def _router(args: argparse.Namespace) -> None:
                 kv_dtype=args.kv_dtype,
                 chunk_tokens=args.chunk_tokens,
                 lookup_budget_s=args.cluster_lookup_budget_ms / 1e3,
+                curve=curve_client_keys(None, None),  # KVCACHE_CURVE_SERVER_KEY, ...
             )
         discovery = None
         if args.engine_selector:

@@ -5,7 +5,9 @@ endpoint of its KV events (`NAME=tcp://host:port`, `--engine-events`) and of the
 (`--engine-replay`). With `--tokenizer` requests are routed by vLLM's block hashes (the engines
 must run with `--prefix-caching-hash-algo sha256_cbor` and the given `PYTHONHASHSEED`); without it,
 by text. With a cluster (`--cluster-etcd` or `--cluster-members`) the router also counts what an
-engine could load from kvcache instead of prefilling.
+engine could load from kvcache instead of prefilling; nodes that speak CurveZMQ need
+`KVCACHE_CURVE_SERVER_KEY` (and the router's pair, `KVCACHE_CURVE_PUBLIC_KEY` / `_SECRET_KEY`) in
+its environment, as the connector does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from kvcache.client.cluster import ClusterClient
-from kvcache.core.config import ClientConfig, EtcdConfig
+from kvcache.core.config import ClientConfig, CurveClientKeys, EtcdConfig
 from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace
 from kvcache.core.ring import Member
 from kvcache.router.app import create_app
@@ -38,9 +40,10 @@ class ClusterSettings:
     kv_dtype: str = "bfloat16"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     lookup_budget_s: float = 0.02  # a request's longest wait for the cluster's answer
+    curve: CurveClientKeys | None = None  # the nodes speak CurveZMQ
 
     def lookup(self) -> ClusterLookup:
-        config = ClientConfig(timeout_s=0.2, down_backoff_s=5.0)
+        config = ClientConfig(timeout_s=0.2, down_backoff_s=5.0, curve=self.curve)
         if self.etcd:
             etcd = EtcdConfig(self.etcd, self.name)
 

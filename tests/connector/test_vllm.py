@@ -64,6 +64,33 @@ def test_settings_come_from_extra_config_then_env_and_refuse_unknown_keys():
     assert VllmSettings.from_sources({}, {}).client_factory() is None
 
 
+def test_an_engine_reaches_a_curvezmq_cluster_with_the_keys_it_is_given(start_node):
+    """The operator hands joined engines the nodes' public key and the engines' own pair (in
+    KVCACHE_CURVE_* variables); an engine without the pair gets a fresh one, off the allow-list."""
+    import zmq
+
+    server_public, server_secret = (key.decode() for key in zmq.curve_keypair())
+    client_public, client_secret = (key.decode() for key in zmq.curve_keypair())
+    node = start_node(env={"KVCACHE_CURVE_PUBLIC_KEY": server_public,
+                           "KVCACHE_CURVE_SECRET_KEY": server_secret,
+                           "KVCACHE_CURVE_ALLOWED_CLIENTS": client_public})  # fmt: skip
+    env = {"KVCACHE_MEMBERS": f"n0={node.member.address}",
+           "KVCACHE_CURVE_SERVER_KEY": server_public}  # fmt: skip
+    pair = {"KVCACHE_CURVE_PUBLIC_KEY": client_public, "KVCACHE_CURVE_SECRET_KEY": client_secret}
+    allowed = VllmSettings.from_sources({}, {**env, **pair})
+    assert client_secret not in repr(allowed)
+    key, value = os.urandom(32), os.urandom(100_000)
+    with allowed.client_factory()() as client:
+        assert client.put([key], [value]) == [True]
+        assert bytes(client.get([key])[0]) == value
+    with VllmSettings.from_sources({}, env).client_factory()() as stranger:
+        assert stranger.get([key]) == [None]
+    with pytest.raises(ValueError, match="KVCACHE_CURVE_SECRET_KEY"):
+        VllmSettings.from_sources({}, {**env, "KVCACHE_CURVE_PUBLIC_KEY": client_public})
+    with pytest.raises(ValueError, match="Z85"):
+        VllmSettings.from_sources({"curve_server_key": "not a key"}, {})
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random-weight Llama saved locally (no download): vLLM serves it on the CPU."""

@@ -10,13 +10,14 @@ import time
 import zmq
 
 from kvcache.client.cluster import ClusterClient
-from kvcache.core.config import ClientConfig
+from kvcache.core.config import ClientConfig, CurveClientKeys
 from kvcache.core.keys import Namespace, chunk_keys
 from kvcache.core.ring import Member
 from kvcache.router.block_hash import block_hashes
 from kvcache.router.engines import Engine
 from kvcache.router.kv_events import BlockStored, EventBatch
 from kvcache.router.policy import ClusterLookup, EngineEvents, PolicySettings, PrefixPolicy
+from kvcache.router.serve import ClusterSettings
 
 BLOCK = 16
 
@@ -129,3 +130,33 @@ def test_a_cluster_that_stops_answering_delays_no_request_past_the_lookup_budget
     finally:
         lookup.close()
         silent.close(linger=0)
+
+
+def test_the_router_reads_a_curvezmq_cluster_with_its_keys(start_node):
+    server_public, server_secret = zmq.curve_keypair()
+    client = CurveClientKeys(server_public, *zmq.curve_keypair())
+    node_env = {
+        "KVCACHE_CURVE_PUBLIC_KEY": server_public.decode(),
+        "KVCACHE_CURVE_SECRET_KEY": server_secret.decode(),
+        "KVCACHE_CURVE_ALLOWED_CLIENTS": client.public_key.decode(),
+    }
+    node = start_node(env=node_env)
+    ids = list(range(512 + 1))
+    namespace = Namespace(model="m", kv_dtype="bfloat16")
+    keys = chunk_keys(ids, namespace, 256)
+    config = ClientConfig(curve=client)
+    with ClusterClient([node.member], config) as writer:
+        assert writer.put(keys, [b"kv"] * len(keys)) == [True, True]
+
+    def held(curve: CurveClientKeys | None) -> int:
+        settings = ClusterSettings(
+            model="m", members=(node.member,), lookup_budget_s=1.0, curve=curve
+        )
+        lookup = settings.lookup()
+        try:
+            return asyncio.run(lookup.tokens(ids))
+        finally:
+            lookup.close()
+
+    assert held(client) == 512
+    assert held(None) == 0  # plain TCP to a CurveZMQ node: nothing, within the budget
