@@ -4,7 +4,8 @@ A Deployment annotated `kvcache.io/cluster: <name>` (or `<namespace>/<name>`) jo
 container gets the kvcache connector (`--kv-transfer-config`), KV events for the router
 (`--kv-events-config`), `--prefix-caching-hash-algo sha256_cbor` and a fixed `PYTHONHASHSEED` (so
 the router can reproduce vLLM's block hashes), the cluster's KVCACHE_* settings and tenant salt,
-the labels the router discovers engines by, and pod annotations naming the ports to reach it on.
+its CurveZMQ client keys (references to the cluster's curveSecret, never the key text), the
+labels the router discovers engines by, and pod annotations naming the ports to reach it on.
 
 `join_engine` returns the JSON merge patch that does this and records what it added in the
 `kvcache.io/joined` annotation; `unjoin_engine` returns the patch that removes exactly that:
@@ -36,7 +37,7 @@ from kvcache.operator.names import (
     REPLAY_PORT_ANNOTATION,
     ClusterRef,
 )
-from kvcache.operator.render import client_env
+from kvcache.operator.render import EnvValue, client_env, curve_client_env, env_entry
 from kvcache.operator.spec import KVCacheClusterSpec
 
 KV_TRANSFER_CONFIG = {
@@ -61,10 +62,11 @@ class JoinError(ValueError):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """What a joined engine is given: its cluster, and the environment of its vLLM container."""
+    """What a joined engine is given: its cluster, and the environment of its vLLM container
+    (values, or `valueFrom` references for the keys a Secret holds)."""
 
     cluster: ClusterRef
-    env: Mapping[str, str]
+    env: Mapping[str, EnvValue]
 
 
 def may_join(spec: KVCacheClusterSpec, ref: ClusterRef, engine_namespace: str) -> bool:
@@ -86,9 +88,10 @@ def engine_settings(
             f"namespace {engine_namespace!r} may not join cluster {ref}: "
             "list it in the cluster's spec.allowedNamespaces"
         )
-    env = {**client_env(spec, ref), "PYTHONHASHSEED": HASH_SEED}
+    env: dict[str, EnvValue] = {**client_env(spec, ref), "PYTHONHASHSEED": HASH_SEED}
     if spec.isolation == "Namespace":
         env["KVCACHE_TENANT_SALT"] = tenant_salt(cluster_uid, engine_namespace)
+    env.update(curve_client_env(spec))
     return EngineSettings(ref, env)
 
 
@@ -219,9 +222,9 @@ def _env_index(entries: list[dict[str, Any]], name: str) -> int | None:
     return next((i for i, entry in enumerate(entries) if entry.get("name") == name), None)
 
 
-def _set_env(container: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Set each variable, replacing an entry of the same name in place; the record keeps the
-    replaced entries (None: there was none)."""
+def _set_env(container: dict[str, Any], env: Mapping[str, EnvValue]) -> dict[str, Any]:
+    """Set each variable, replacing an entry of the same name in place; the record keeps what
+    was set (a value or a `valueFrom`) and the replaced entries (None: there was none)."""
     created = "env" not in container
     entries = container.setdefault("env", [])
     previous: dict[str, Any] = {}
@@ -229,9 +232,9 @@ def _set_env(container: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any
         index = _env_index(entries, name)
         previous[name] = None if index is None else entries[index]
         if index is None:
-            entries.append({"name": name, "value": value})
+            entries.append(env_entry(name, value))
         else:
-            entries[index] = {"name": name, "value": value}
+            entries[index] = env_entry(name, value)
     return {"created": created, "set": dict(env), "previous": previous}
 
 
@@ -290,7 +293,7 @@ def _restore_env(container: dict[str, Any], record: Mapping[str, Any]) -> None:
     entries = container.get("env", [])
     for name, old in record["previous"].items():
         index = _env_index(entries, name)
-        if index is None or entries[index] != {"name": name, "value": record["set"][name]}:
+        if index is None or entries[index] != env_entry(name, record["set"][name]):
             continue  # changed since it was set: the user's now
         if old is None:
             del entries[index]

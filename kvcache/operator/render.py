@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ from kvcache.operator.quantities import canonical
 from kvcache.operator.spec import KVCacheClusterSpec
 
 Manifest = dict[str, Any]
+# What a container's env entry holds: a value, or the `valueFrom` of a reference (to a Secret's
+# key, so that key text never appears in a rendered object or a record of one).
+EnvValue = str | Mapping[str, Any]
 
 DISK_MOUNT = "/var/lib/kvcache"
 # The disk tier fills at most this share of its volume: the filesystem's own metadata needs
@@ -58,6 +62,16 @@ CONTAINER_SECURITY = {
 POD_NAME_ENV = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
 TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
 TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+# The CurveZMQ variables a client of the nodes reads, each with the curveSecret key it comes
+# from and whether that key may be missing. The nodes' public key turns CURVE on, so it is
+# required: a client without it cannot reach a CURVE node. The clients' own pair is optional:
+# without it a client makes a fresh one, which only nodes without an allow-list admit. The
+# nodes' secret key is never among them.
+CURVE_CLIENT_KEYS = (
+    ("KVCACHE_CURVE_SERVER_KEY", "KVCACHE_CURVE_PUBLIC_KEY", False),
+    ("KVCACHE_CURVE_PUBLIC_KEY", "KVCACHE_CURVE_CLIENT_PUBLIC_KEY", True),
+    ("KVCACHE_CURVE_SECRET_KEY", "KVCACHE_CURVE_CLIENT_SECRET_KEY", True),
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,40 @@ def client_env(spec: KVCacheClusterSpec, ref: ClusterRef) -> dict[str, str]:
         "KVCACHE_CHUNK_TOKENS": str(spec.chunk_tokens),
         "KVCACHE_REPLICAS": str(spec.replication),
     }
+
+
+def curve_client_env(spec: KVCacheClusterSpec) -> dict[str, dict[str, Any]]:
+    """The `valueFrom` of each CurveZMQ variable a client of the nodes reads (none without a
+    curveSecret): references to the Secret's keys, never their text. A reference names no
+    namespace: a client in another namespace reads the Secret of that name in its own (a copy
+    the platform team makes), and its pod fails to start (CreateContainerConfigError) while
+    that copy is missing, rather than silently miss the cache."""
+    secret = spec.security.curve_secret
+    if not secret:
+        return {}
+    return {
+        variable: {"secretKeyRef": _secret_key_ref(secret, key, optional)}
+        for variable, key, optional in CURVE_CLIENT_KEYS
+    }
+
+
+def router_curve_env(spec: KVCacheClusterSpec) -> dict[str, dict[str, Any]]:
+    """The router's CurveZMQ references: only a router that asks the nodes (spec.router.model)."""
+    return curve_client_env(spec) if spec.router.model else {}
+
+
+def _secret_key_ref(secret: str, key: str, optional: bool) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return ref
+
+
+def env_entry(name: str, value: EnvValue) -> dict[str, Any]:
+    """A container's env entry setting `name` to a value or from a `valueFrom` reference."""
+    if isinstance(value, str):
+        return {"name": name, "value": value}
+    return {"name": name, "valueFrom": copy.deepcopy(dict(value))}
 
 
 def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -424,9 +472,14 @@ def router_deployment(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> 
         "name": "router",
         "image": image,
         "command": router_command(spec, ref),
-        # A tokenizer named by its hub id is downloaded to HF_HOME; the root filesystem is
-        # read-only.
-        "env": [{"name": "HF_HOME", "value": "/tmp/huggingface"}],
+        "env": [
+            # A tokenizer named by its hub id is downloaded to HF_HOME; the root filesystem is
+            # read-only.
+            {"name": "HF_HOME", "value": "/tmp/huggingface"},
+            # With spec.router.model it asks the nodes what an engine could load: their client
+            # too, and only then given the keys
+            *(env_entry(name, value) for name, value in router_curve_env(spec).items()),
+        ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         # live while it serves; ready (in its Service) while it has an engine to route to
         "livenessProbe": _http_probe("/livez", "http", 10, 3),

@@ -36,7 +36,14 @@ class SecuritySpec:
     curve_secret: str | None = spec_field(
         "Secret whose keys become the cache nodes' environment: KVCACHE_CURVE_PUBLIC_KEY and "
         "KVCACHE_CURVE_SECRET_KEY (Z85) turn on CurveZMQ encryption, KVCACHE_CURVE_ALLOWED_CLIENTS "
-        "(Z85 public keys) admits only those clients.",
+        "(Z85 public keys) admits only those clients. Optional KVCACHE_CURVE_CLIENT_PUBLIC_KEY "
+        "and KVCACHE_CURVE_CLIENT_SECRET_KEY: the key pair of the joined engines and the router "
+        "(list its public key in KVCACHE_CURVE_ALLOWED_CLIENTS; without it they make fresh "
+        "pairs, which only nodes without an allow-list admit). Engines and the router get the "
+        "nodes' public key and the client pair, never the nodes' secret key. An engine in "
+        "another namespace reads a Secret of this name in its own namespace: copy "
+        "KVCACHE_CURVE_PUBLIC_KEY and the client pair there (not the nodes' secret key); "
+        "without that copy its pods do not start.",
         None,
     )
     at_rest_secret: str | None = spec_field(

@@ -167,3 +167,18 @@ def test_the_patch_does_not_change_the_deployment_it_was_computed_from():
     before = copy.deepcopy(engine)
     engine_patch(engine, cluster())
     assert engine == before
+
+
+def test_engines_of_a_cluster_with_a_curve_secret_join_with_references_and_leave_exactly():
+    curve = cluster(allowedNamespaces=["team-c"], security={"curveSecret": "demo-curve"})
+    for engine in (deployment("demo"), deployment("ml/demo", namespace="team-c")):
+        result = engine_patch(engine, curve)
+        after_join = apply_merge_patch(engine, result.patch)
+        assert result.problem is None and after_join == joined(engine, curve)
+        (container,) = after_join["spec"]["template"]["spec"]["containers"]
+        references = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+        assert [reference["name"] for reference in references] == ["demo-curve"] * 3
+        assert engine_patch(after_join, curve) == EnginePatch()  # joined as it should be
+
+        left = apply_merge_patch(after_join, engine_patch(after_join, None).patch)
+        assert left == engine

@@ -574,8 +574,13 @@ async def test_a_disk_its_claims_cannot_take_is_degraded_and_keeps_the_statefuls
 # Engines
 
 
-async def test_annotating_an_engine_joins_it_and_removing_the_annotation_restores_it(api):
-    await apply_cluster(api, nodes=3)
+@pytest.mark.parametrize(
+    "spec",
+    [{"nodes": 3}, {"nodes": 3, "security": {"curveSecret": "demo-curve"}}],
+    ids=["plain", "curve"],
+)
+async def test_annotating_an_engine_joins_it_and_removing_the_annotation_restores_it(api, spec):
+    await apply_cluster(api, **spec)
     original = await create_engine(api, NS)
     annotate = {"metadata": {"annotations": {CLUSTER_ANNOTATION: NAME}}}
 
@@ -588,6 +593,7 @@ async def test_annotating_an_engine_joins_it_and_removing_the_annotation_restore
     annotated = apply_merge_patch(original, annotate)
     expected = apply_merge_patch(annotated, join_engine(annotated, settings))
     assert without_versions(patched) == without_versions(expected)
+    assert ("KVCACHE_CURVE_SERVER_KEY" in env(patched)) == ("security" in spec)
 
     remove = {"metadata": {"annotations": {CLUSTER_ANNOTATION: None}}}
     await send(api, "PATCH", url(DEPLOYMENTS, NS, "vllm"), remove)  # kubectl annotate ...-

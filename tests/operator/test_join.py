@@ -34,6 +34,10 @@ from kvcache.operator.spec import KVCacheClusterSpec
 REF = ClusterRef("llm", "prod")
 UID = "0b6a6c1e-3f2d-4c49-9d8e-2f5b1c7a9e10"
 SPEC = KVCacheClusterSpec.from_dict({"allowedNamespaces": ["team-a"]})
+CURVE = KVCacheClusterSpec.from_dict(
+    {"allowedNamespaces": ["team-a"], "security": {"curveSecret": "prod-curve"}}
+)
+SPECS = {"plain": SPEC, "curve": CURVE}
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -143,11 +147,12 @@ ENGINE_CONTAINER = {
 }
 
 
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("style", STYLES)
-def test_join_then_unjoin_restores_the_deployment_exactly(style):
+def test_join_then_unjoin_restores_the_deployment_exactly(style, spec):
     original = STYLES[style]
     kept = copy.deepcopy(original)
-    after_join = joined(original)
+    after_join = joined(original, settings(SPECS[spec]))
     assert after_join != original
     assert apply_merge_patch(after_join, unjoin_engine(after_join)) == kept
     assert original == kept  # the functions never modify their argument
@@ -219,9 +224,10 @@ def test_a_preset_hash_seed_is_replaced_and_restored():
     )
 
 
-def test_joining_again_with_the_same_settings_changes_nothing():
-    after_join = joined(STYLES["args"])
-    assert join_engine(after_join, settings()) == {}
+@pytest.mark.parametrize("spec", SPECS)
+def test_joining_again_with_the_same_settings_changes_nothing(spec):
+    after_join = joined(STYLES["args"], settings(SPECS[spec]))
+    assert join_engine(after_join, settings(SPECS[spec])) == {}
 
 
 def test_joining_again_after_the_cluster_changed_replaces_the_settings():
@@ -290,6 +296,75 @@ def test_each_namespace_keys_chunks_with_its_own_salt_unless_isolation_is_off():
     assert tenant_salt(UID, "llm") == tenant_salt(UID, "llm") != tenant_salt("other-uid", "llm")
     shared = KVCacheClusterSpec.from_dict({"isolation": "None"})
     assert "KVCACHE_TENANT_SALT" not in settings(shared).env
+
+
+def curve_reference(key, optional=False):
+    reference = {"name": "prod-curve", "key": key}
+    if optional:
+        reference["optional"] = True
+    return {"secretKeyRef": reference}
+
+
+CURVE_CLIENT_ENV = {
+    "KVCACHE_CURVE_SERVER_KEY": curve_reference("KVCACHE_CURVE_PUBLIC_KEY"),
+    "KVCACHE_CURVE_PUBLIC_KEY": curve_reference("KVCACHE_CURVE_CLIENT_PUBLIC_KEY", True),
+    "KVCACHE_CURVE_SECRET_KEY": curve_reference("KVCACHE_CURVE_CLIENT_SECRET_KEY", True),
+}
+
+
+@pytest.mark.parametrize("namespace", ["llm", "team-a"])
+def test_with_a_curve_secret_an_engine_reads_the_client_keys_by_reference(namespace):
+    """The same references in every namespace: a Secret reference is namespace-local, so an
+    engine elsewhere reads the copy of the Secret in its own namespace."""
+    after_join = joined(STYLES["command"], settings(CURVE, namespace))
+    validate_builtin(after_join)
+    env = vllm_container(after_join, "engine")["env"]
+    by_reference = {entry["name"]: entry["valueFrom"] for entry in env if "valueFrom" in entry}
+    assert by_reference == CURVE_CLIENT_ENV
+    assert all("value" not in entry for entry in env if entry["name"] in CURVE_CLIENT_ENV)
+    assert not any(name.startswith("KVCACHE_CURVE") for name in settings(SPEC).env)
+
+
+def test_the_curve_references_replace_the_users_own_and_leaving_puts_them_back():
+    own = [
+        {"name": "KVCACHE_CURVE_SERVER_KEY", "value": "their-own-server-key"},
+        {
+            "name": "KVCACHE_CURVE_PUBLIC_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "mine", "key": "public"}},
+        },
+    ]
+    original = deployment({"name": "vllm", "image": VLLM_IMAGE, "args": [MODEL], "env": own})
+    after_join = joined(original, settings(CURVE))
+    env = vllm_container(after_join, "vllm")["env"]
+    assert [entry["name"] for entry in env[:2]] == [entry["name"] for entry in own]  # in place
+    assert [entry["valueFrom"] for entry in env[:2]] == [
+        CURVE_CLIENT_ENV["KVCACHE_CURVE_SERVER_KEY"],
+        CURVE_CLIENT_ENV["KVCACHE_CURVE_PUBLIC_KEY"],
+    ]
+    assert apply_merge_patch(after_join, unjoin_engine(after_join)) == original
+
+
+def test_leaving_keeps_a_curve_reference_the_user_changed_since_joining():
+    after_join = joined(STYLES["command"], settings(CURVE))
+    theirs = {"secretKeyRef": {"name": "mine", "key": "secret"}}
+    for entry in vllm_container(after_join, "engine")["env"]:
+        if entry["name"] == "KVCACHE_CURVE_SECRET_KEY":
+            entry["valueFrom"] = theirs
+    restored = vllm_container(apply_merge_patch(after_join, unjoin_engine(after_join)), "engine")
+    assert restored["env"] == [
+        {"name": "HF_HOME", "value": "/models"},
+        {"name": "KVCACHE_CURVE_SECRET_KEY", "valueFrom": theirs},
+    ]
+
+
+def test_a_curve_secret_set_or_removed_later_rejoins_with_or_without_the_references():
+    original = STYLES["args"]
+    with_curve = joined(joined(original), settings(CURVE))
+    names = [entry["name"] for entry in vllm_container(with_curve, "vllm")["env"]]
+    assert set(CURVE_CLIENT_ENV) <= set(names) and len(names) == len(set(names))
+    without = joined(with_curve, settings(SPEC))
+    assert without == joined(original)
+    assert apply_merge_patch(with_curve, unjoin_engine(with_curve)) == original
 
 
 def test_a_container_without_command_or_args_is_refused():

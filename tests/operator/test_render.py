@@ -8,15 +8,18 @@ import copy
 
 import kopf
 import pytest
+import zmq
 from kube_schemas import validate_builtin
 
 from kvcache.cli import build_parser
 from kvcache.core.config import parse_bytes
+from kvcache.core.secrets import curve_client_keys, curve_server_keys
 from kvcache.operator.names import CLUSTER_LABEL, NODE, ROUTER, ClusterRef
 from kvcache.operator.render import (
     DISK_MOUNT,
     NODE_HEADROOM_BYTES,
     client_env,
+    curve_client_env,
     render_cluster,
 )
 from kvcache.operator.spec import KVCacheClusterSpec
@@ -201,6 +204,75 @@ def test_the_specs_scheduling_and_secrets_reach_the_node_pods():
         {"secretRef": {"name": "prod-curve"}},
         {"secretRef": {"name": "prod-disk-key"}},
     ]
+
+
+CURVE_REFERENCES = [
+    {
+        "name": "KVCACHE_CURVE_SERVER_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "prod-curve", "key": "KVCACHE_CURVE_PUBLIC_KEY"}},
+    },
+    {
+        "name": "KVCACHE_CURVE_PUBLIC_KEY",
+        "valueFrom": {
+            "secretKeyRef": {
+                "name": "prod-curve",
+                "key": "KVCACHE_CURVE_CLIENT_PUBLIC_KEY",
+                "optional": True,
+            }
+        },
+    },
+    {
+        "name": "KVCACHE_CURVE_SECRET_KEY",
+        "valueFrom": {
+            "secretKeyRef": {
+                "name": "prod-curve",
+                "key": "KVCACHE_CURVE_CLIENT_SECRET_KEY",
+                "optional": True,
+            }
+        },
+    },
+]
+
+
+def test_with_a_curve_secret_the_router_reads_the_client_keys_from_it():
+    (router,) = by_kind(render("everything").owned, "Deployment")
+    env = container(router)["env"]
+    assert env[1:] == CURVE_REFERENCES
+    (plain,) = by_kind(render("defaults").owned, "Deployment")
+    assert [entry["name"] for entry in container(plain)["env"]] == ["HF_HOME"]
+    # a router that never asks the nodes (no spec.router.model) is given no keys
+    no_lookups = copy.deepcopy(SPECS["everything"])
+    del no_lookups["router"]["model"]
+    spec = KVCacheClusterSpec.from_dict(no_lookups)
+    (router,) = by_kind(render_cluster(spec, REF, IMAGE).owned, "Deployment")
+    assert [entry["name"] for entry in container(router)["env"]] == ["HF_HOME"]
+
+
+def test_the_client_references_name_the_secret_as_the_clients_read_it():
+    """Resolved as the kubelet does, the nodes' Secret gives the nodes their pair and allow-list
+    and each client the nodes' public key and the allowed pair, never the nodes' secret key."""
+    (node_public, node_secret), (client_public, client_secret) = (
+        zmq.curve_keypair(),
+        zmq.curve_keypair(),
+    )
+    secret = {
+        "KVCACHE_CURVE_PUBLIC_KEY": node_public.decode(),
+        "KVCACHE_CURVE_SECRET_KEY": node_secret.decode(),
+        "KVCACHE_CURVE_ALLOWED_CLIENTS": client_public.decode(),
+        "KVCACHE_CURVE_CLIENT_PUBLIC_KEY": client_public.decode(),
+        "KVCACHE_CURVE_CLIENT_SECRET_KEY": client_secret.decode(),
+    }
+    spec = KVCacheClusterSpec.from_dict(SPECS["everything"])
+    env = {
+        name: secret[source["secretKeyRef"]["key"]]
+        for name, source in curve_client_env(spec).items()
+    }
+    assert node_secret.decode() not in env.values()
+    node = curve_server_keys(None, None, secret)  # envFrom: the whole Secret
+    client = curve_client_keys(None, None, env)
+    assert client.server_public_key == node.public_key
+    assert (client.public_key, client.secret_key) == (client_public, client_secret)
+    assert client.public_key in node.allowed_clients
 
 
 def test_an_external_etcd_replaces_the_managed_one():
