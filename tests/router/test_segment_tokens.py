@@ -171,3 +171,17 @@ def test_hashing_from_memory_equals_hashing_afresh():
         assert len(hasher._digests) <= 40
     with pytest.raises(ValueError):
         BlockHasher(0, "0")
+
+
+def test_a_sampled_check_turns_off_a_cache_that_gives_other_ids(smollm2_dir):
+    tokenizer = Tokenizer(str(smollm2_dir))
+    tokenizer.verify_every = 4
+    text = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+    expected = tokenizer._tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.encode(text, add_special_tokens=False) == expected
+    tokenizer._segments._pieces["user\nHi there"] = [0]  # a cache gone wrong
+    answers = [tokenizer.encode(text, add_special_tokens=False) for _ in range(3)]
+    assert all(answer != expected for answer in answers[:2])  # unchecked: the cache's word...
+    assert answers[2] == expected  # ...until the sampled check, which turns it off
+    assert tokenizer._segments is None
+    assert tokenizer.encode(text, add_special_tokens=True) == tokenizer._tokenizer.encode(text)
