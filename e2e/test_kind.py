@@ -10,6 +10,7 @@ and kind they are skipped, with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,12 +102,11 @@ def test_a_cluster_becomes_ready_and_kubectl_get_shows_it():
             "apiVersion": "kvcache.io/v1alpha1",
             "kind": "KVCacheCluster",
             "metadata": {"name": NAME, "namespace": NS},
-            # Small enough for a laptop, 4 nodes included; the router's discovery is issue 13.
+            # Small enough for a laptop, 4 nodes included; the router finds the engines itself.
             "spec": {
                 "nodes": 3,
                 "memory": "256Mi",
                 "resources": {"requests": {"memory": "384Mi"}, "limits": {"memory": "1Gi"}},
-                "router": {"enabled": False},
             },
         }
     )
@@ -118,39 +118,61 @@ def test_a_cluster_becomes_ready_and_kubectl_get_shows_it():
     assert row.split()[:2] == [NAME, "3/3"] and "Ready" in row.split()
 
 
-def test_a_client_puts_and_gets_through_the_nodes_service():
-    from kvcache.client.cluster import ClusterClient
-    from kvcache.core.ring import Member
-
+@contextlib.contextmanager
+def forwarded(service: str, remote_port: int) -> Iterator[int]:
+    """A local port forwarded to `service` (kubectl port-forward), for the block."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     forward = subprocess.Popen(
         ["kubectl", "--context", CONTEXT, "--namespace", NS, "port-forward",
-         f"service/{NAME}-node", f"{port}:{NODE_PORT}"],
+         f"service/{service}", f"{port}:{remote_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         assert forward.stdout is not None
         assert "Forwarding from" in forward.stdout.readline()
-        key, value = bytes(range(32)), os.urandom(64 << 10)
-        with ClusterClient([Member("e2e", f"tcp://127.0.0.1:{port}")]) as client:
-            assert client.put([key], [value]) == [True]
-            (found,) = client.get([key])
-        assert found is not None and bytes(found) == value
+        yield port
     finally:
         forward.terminate()
         forward.wait(timeout=10)
 
 
+def test_a_client_puts_and_gets_through_the_nodes_service():
+    from kvcache.client.cluster import ClusterClient
+    from kvcache.core.ring import Member
+
+    with forwarded(f"{NAME}-node", NODE_PORT) as port:
+        key, value = bytes(range(32)), os.urandom(64 << 10)
+        with ClusterClient([Member("e2e", f"tcp://127.0.0.1:{port}")]) as client:
+            assert client.put([key], [value]) == [True]
+            (found,) = client.get([key])
+        assert found is not None and bytes(found) == value
+
+
+def routed_by_the_router() -> str | None:
+    """The engine that answered a chat request sent through the router's Service, if any."""
+    import httpx
+
+    chat = {"model": "stand-in", "messages": [{"role": "user", "content": "hello"}]}
+    with forwarded(f"{NAME}-router", 80) as port:
+        try:
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat)
+        except httpx.HTTPError:
+            return None
+    return answer.json().get("system_fingerprint") if answer.status_code == 200 else None
+
+
 def test_an_annotated_deployment_joins_and_leaves():
-    # A stand-in for vLLM: the join adds vLLM's flags to its arguments, which python -c ignores.
+    # A stand-in for vLLM that serves its OpenAI API, /health and /metrics on vLLM's port, and
+    # ignores the vLLM flags the join adds to its arguments.
     container = {
         "name": "engine",
         "image": IMAGE,
-        "command": ["python", "-c", "import signal; signal.pause()"],
+        "command": ["python", "-m", "kvcache.testing.fake_engine", "--host", "0.0.0.0",
+                    "--port", "8000", "--name", "stand-in"],
         "args": ["--model", "stand-in"],
-    }
+    }  # fmt: skip
     labels = {"app": "engine"}
     apply(
         {
@@ -174,6 +196,9 @@ def test_an_annotated_deployment_joins_and_leaves():
     engines = "{.status.engines}"
     eventually(lambda: kubectl("get", f"kvcache/{NAME}", "-o", f"jsonpath={engines}") == "1",
                "the status to count the engine")  # fmt: skip
+    # the router finds the joined engine's pod (labels, port annotations) and routes to it
+    kubectl("rollout", "status", f"deployment/{NAME}-router", f"--timeout={WAIT}")
+    eventually(lambda: routed_by_the_router() == "stand-in", "a request routed to the engine")
 
     kubectl("annotate", "deployment/engine", "kvcache.io/cluster-")
     eventually(

@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--chunk-delay-s", type=float, default=0.0)
     parser.add_argument("--model-path", default="", help="reported on /model_info")
-    args = parser.parse_args()
+    # vLLM's flags (those an operator adds when the engine joins) are ignored: it stands in for
+    # vLLM in the e2e tests
+    args, _ = parser.parse_known_args()
     state = FakeEngineState(args.name, args.chunks, args.chunk_delay_s, model_path=args.model_path)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
 

@@ -5,6 +5,8 @@ leave and rejoin the rotation, and a client that leaves mid-stream cancelling th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import httpx
@@ -174,3 +176,28 @@ def test_a_client_leaving_mid_stream_cancels_the_engines_work():
 )
 def test_engine_load_is_read_from_vllm_gauges(text, expected):
     assert parse_load(text) == expected
+
+
+def test_the_fake_engine_stands_in_for_vllm_with_the_flags_a_join_adds():
+    """The e2e tests run it as the engine an annotated Deployment joins (e2e/test_kind.py)."""
+    from kvcache.operator.join import engine_flags
+
+    port = free_port()
+    command = [sys.executable, "-m", "kvcache.testing.fake_engine", "--port", str(port),
+               "--name", "stand-in", "--model", "m", *engine_flags()]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def healthy() -> bool:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(healthy, 30, "the stand-in engine")
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT)
+        assert answer.json()["system_fingerprint"] == "stand-in"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
