@@ -37,17 +37,24 @@ def root_digest(hash_seed: str) -> bytes:
     return hashlib.sha256(cbor2.dumps(hash_seed, canonical=True)).digest()
 
 
+def block_digest(parent: bytes, block: tuple[int, ...]) -> bytes:
+    """One block's digest: SHA-256 over the canonical CBOR of (parent, tokens, no extra keys)."""
+    return hashlib.sha256(cbor2.dumps((parent, block, None), canonical=True)).digest()
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, not {block_size}")
+
+
 def block_digests(token_ids: Sequence[int], block_size: int, hash_seed: str) -> list[bytes]:
     """The full 32-byte digest of each full block of `token_ids` (a partial last block has none,
     as in vLLM)."""
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, not {block_size}")
-    sha256, dumps = hashlib.sha256, cbor2.dumps
+    _check_block_size(block_size)
     parent = root_digest(hash_seed)
     digests: list[bytes] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = tuple(token_ids[start : start + block_size])
-        parent = sha256(dumps((parent, block, None), canonical=True)).digest()
+        parent = block_digest(parent, tuple(token_ids[start : start + block_size]))
         digests.append(parent)
     return digests
 
@@ -65,8 +72,7 @@ class BlockHasher:
     recently used out first."""
 
     def __init__(self, block_size: int, hash_seed: str, capacity_blocks: int = 262_144) -> None:
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, not {block_size}")
+        _check_block_size(block_size)
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.capacity_blocks = capacity_blocks
@@ -80,8 +86,8 @@ class BlockHasher:
             key = (parent, tuple(token_ids[start : start + size]))
             known = digests.get(key)
             if known is None:
-                digest = hashlib.sha256(cbor2.dumps((parent, key[1], None), canonical=True))
-                known = digests[key] = (digest.digest(), low_64_bits(digest.digest()))
+                digest = block_digest(parent, key[1])
+                known = digests[key] = (digest, low_64_bits(digest))
                 if len(digests) > self.capacity_blocks:
                     digests.popitem(last=False)
             else:
