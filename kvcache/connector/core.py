@@ -13,7 +13,6 @@ kv_heads, head_dim]` and back; this module knows nothing of either.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,10 +45,10 @@ class ConnectorConfig:
     namespace: Namespace
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     local_bytes: int = 2 * GiB
-    store_queue: int = 64  # requests' worth of chunks waiting to be stored
+    store_queue_bytes: int = GiB  # chunks waiting to be stored, copied out of the engine
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens < 1 or self.local_bytes < 0 or self.store_queue < 1:
+        if self.chunk_tokens < 1 or self.local_bytes < 0 or self.store_queue_bytes < 1:
             raise ValueError(f"bad connector config: {self}")
         if self.namespace.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype {self.namespace.kv_dtype!r} is not one of {sorted(DTYPES)}")
@@ -120,28 +119,31 @@ class Connector:
         self.local = LocalTier(config.local_bytes)
         self.stats = ConnectorStats()
         self._clients = _Clients(cluster)
-        self.store_worker = StoreWorker(self._encode, self._store_blobs, config.store_queue)
+        self.store_worker = StoreWorker(self._encode, self._store_blobs, config.store_queue_bytes)
 
     def close(self) -> None:
         self.store_worker.close()
         self._clients.close()
 
-    def keys(self, token_ids: Sequence[int], salt: str | None = None) -> list[bytes]:
-        """Chunk keys of `token_ids`; a request's `salt` (vLLM's `cache_salt`) is added to the
-        tenant salt, so salted requests share KV only with requests of the same salt."""
-        namespace = self.config.namespace
-        if salt:
-            salted = namespace.tenant_salt + b"\x00" + salt.encode("utf-8")
-            namespace = dataclasses.replace(namespace, tenant_salt=salted)
+    def keys(
+        self, token_ids: Sequence[int], salt: str | None = None, lora: str = ""
+    ) -> list[bytes]:
+        """Chunk keys of `token_ids` for a request with vLLM's `cache_salt` and LoRA adapter
+        (`Namespace.for_request`)."""
+        namespace = self.config.namespace.for_request(lora, salt)
         return chunk_keys(token_ids, namespace, self.config.chunk_tokens)
 
     def lookup(
-        self, token_ids: Sequence[int], max_tokens: int | None = None, salt: str | None = None
+        self,
+        token_ids: Sequence[int],
+        max_tokens: int | None = None,
+        salt: str | None = None,
+        lora: str = "",
     ) -> PrefixHit:
         """The longest cached prefix of `token_ids` (at most `max_tokens` tokens), in chunks."""
         started = time.perf_counter()
         usable = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
-        keys = self.keys(token_ids[:usable], salt)
+        keys = self.keys(token_ids[:usable], salt, lora)
         local = self.local.prefix_length(keys)
         remote = 0
         client = self._clients.get("engine")
@@ -173,11 +175,18 @@ class Connector:
         parts: list[torch.Tensor] = []
         for blob in blobs:
             try:
-                parts.append(decode(blob, device))
+                part = decode(blob, device)
             except BlobError:
                 log.warning("a cached chunk does not decode; prefilling from there", exc_info=True)
                 self.stats.load_failures += 1
                 break
+            problem = self._misshapen(part, parts[0] if parts else None)
+            if problem:
+                # well formed, but not this chunk's KV: put in place it would shift every token
+                log.warning("a cached chunk %s; prefilling from there", problem)
+                self.stats.load_failures += 1
+                break
+            parts.append(part)
         loaded = len(parts)
         # what came from the cluster is kept close; the whole chain counts as just used
         self.local.put_chain(hit.keys[local_blobs:loaded], blobs[local_blobs:loaded])
@@ -186,6 +195,19 @@ class Connector:
         self.stats.cluster_hit_tokens += max(0, loaded - local_blobs) * hit.chunk_tokens
         self.stats.load_seconds += time.perf_counter() - started
         return torch.cat(parts, dim=2) if parts else None
+
+    def _misshapen(self, part: torch.Tensor, first: torch.Tensor | None) -> str | None:
+        """Why a decoded chunk is not a chunk of this namespace's KV, or None if it is."""
+        expected_dtype = DTYPES[self.config.namespace.kv_dtype]
+        if part.dim() != 5 or part.shape[1] != 2:
+            return f"has shape {tuple(part.shape)}, not [layers, 2, tokens, kv_heads, head_dim]"
+        if part.shape[2] != self.config.chunk_tokens:
+            return f"holds {part.shape[2]} tokens, not {self.config.chunk_tokens}"
+        if part.dtype != expected_dtype:
+            return f"is {part.dtype}, not {expected_dtype}"
+        if first is not None and part.shape != first.shape:
+            return f"has shape {tuple(part.shape)}, its prefix {tuple(first.shape)}"
+        return None
 
     def load_keys(
         self, keys: list[bytes], device: torch.device | str = "cpu"

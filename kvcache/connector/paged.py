@@ -53,8 +53,11 @@ class PagedKV:
 
     def scatter(self, kv: torch.Tensor, block_ids: Sequence[int], start: int) -> None:
         """Write `kv` (`[layers, 2, tokens, kv_heads, head_dim]`) as the tokens from `start` on."""
-        if kv.shape[0] != len(self._pages):
-            raise ValueError(f"KV has {kv.shape[0]} layers, the cache {len(self._pages)}")
+        _, _, heads, _, head_dim = self._pages[0].shape
+        expected = (len(self._pages), 2, kv.shape[2], heads, head_dim)
+        if kv.dim() != 5 or tuple(kv.shape) != expected:
+            # broadcasting would write one head's KV into every head
+            raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit the cache's {expected}")
         blocks, offsets = self._slots(block_ids, start, start + kv.shape[2])
         for page, layer in zip(self._pages, kv):
             page[blocks, :, :, offsets] = layer.permute(1, 2, 0, 3).to(page.dtype)

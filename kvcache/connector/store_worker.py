@@ -1,7 +1,8 @@
 """Stores newly computed chunks off the request's path: encode, keep locally, put to the cluster.
 
-A bounded queue between the engine and one worker thread: when it is full the chunk is dropped
-and counted (a slow or dead cluster costs future hits, never the current request's latency), and
+A queue bounded in bytes between the engine and one worker thread (a count of requests would let
+a burst of long prompts against a slow cluster hold the host's memory): what does not fit is
+dropped and counted (a slow or dead cluster costs future hits, never the current request's latency), and
 any error in the worker is counted, never raised into the engine.
 """
 
@@ -34,28 +35,38 @@ class StoreWorker:
         self,
         encode: Callable[[torch.Tensor], bytes],
         sink: Callable[[list[bytes], list[bytes]], int],
-        capacity: int,
+        capacity_bytes: int,
     ) -> None:
-        """`sink(keys, blobs)` stores a batch and returns the bytes it moved."""
+        """`sink(keys, blobs)` stores a batch and returns the bytes it moved; at most
+        `capacity_bytes` of chunks wait (or are being stored) at once."""
         self._encode = encode
         self._sink = sink
-        self._queue: queue.Queue[tuple[list[bytes], list[torch.Tensor]] | None] = queue.Queue(
-            maxsize=capacity
-        )
+        self.capacity_bytes = capacity_bytes
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[list[bytes], list[torch.Tensor]] | None] = queue.Queue()
         self.stats = StoreStats()
         self._thread = threading.Thread(target=self._run, name="kvcache-store", daemon=True)
         self._thread.start()
 
     def submit(self, keys: list[bytes], chunks: list[torch.Tensor]) -> bool:
         """Queue one request's new chunks (CPU tensors the caller no longer writes); False if
-        the queue was full and they were dropped."""
+        they did not fit the byte budget and were dropped."""
         self.stats.submitted += len(keys)
-        try:
-            self._queue.put_nowait((keys, chunks))
-        except queue.Full:
+        size = _nbytes(chunks)
+        with self._lock:
+            fits = self._queued_bytes + size <= self.capacity_bytes
+            if fits:
+                self._queued_bytes += size
+        if not fits:
             self.stats.dropped += len(keys)
             return False
+        self._queue.put_nowait((keys, chunks))
         return True
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is stored or failed (for demos and tests)."""
@@ -64,11 +75,8 @@ class StoreWorker:
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return  # the daemon thread dies with the process
-        self._thread.join(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)  # a worker stuck on a dead cluster dies with the process
 
     def _run(self) -> None:
         while True:
@@ -77,6 +85,8 @@ class StoreWorker:
                 if item is None:
                     return
                 self._store(*item)
+                with self._lock:
+                    self._queued_bytes -= _nbytes(item[1])
             finally:
                 self._queue.task_done()
 
@@ -90,3 +100,7 @@ class StoreWorker:
             log.exception("storing %d chunks failed", len(keys))
             self.stats.failed += len(keys)
         self.stats.seconds += time.perf_counter() - started
+
+
+def _nbytes(chunks: list[torch.Tensor]) -> int:
+    return sum(chunk.numel() * chunk.element_size() for chunk in chunks)

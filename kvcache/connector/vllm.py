@@ -33,12 +33,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 from vllm.model_executor.models.utils import extract_layer_index
 
 from kvcache.connector.core import Connector, ConnectorConfig
 from kvcache.connector.paged import PagedKV
 from kvcache.connector.vllm_settings import VllmSettings
-from kvcache.core.keys import Namespace
+from kvcache.core.keys import EngineKeySettings
 from kvcache.kernels import codec_by_name
 from kvcache.kernels.codec import DTYPE_NAMES
 
@@ -65,6 +66,7 @@ class ChunkTransfer:
     start: int
     end: int
     salt: str | None = None
+    lora: str = ""
 
 
 @dataclass
@@ -79,12 +81,15 @@ class _Admitted:
 
     prompt: list[int]
     salt: str | None
+    lora: str
     load: tuple[int, int] | None  # tokens to load before the first forward
+    cluster_tokens: int  # the prefix the cache holds: stores start there, not at vLLM's own hit
     block_ids: list[int] = field(default_factory=list)
-    computed_before: int | None = None  # tokens it did not compute itself (hit or loaded)
 
 
-def _namespace(vllm_config: VllmConfig, settings: VllmSettings) -> Namespace:
+def key_settings(vllm_config: VllmConfig, settings: VllmSettings) -> EngineKeySettings:
+    """What this engine binds into its chunk keys (every rank alike), from its own config: the
+    same on the scheduler, the workers and the API server, which publishes it for the router."""
     model = vllm_config.model_config
     cache_dtype = vllm_config.cache_config.cache_dtype
     dtype = model.dtype if cache_dtype == "auto" else getattr(torch, cache_dtype, None)
@@ -95,19 +100,66 @@ def _namespace(vllm_config: VllmConfig, settings: VllmSettings) -> Namespace:
     served = model.served_model_name
     name = settings.model or (served if isinstance(served, str) else model.model)
     parallel = vllm_config.parallel_config
-    rank = 0
-    if parallel.tensor_parallel_size > 1:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        rank = get_tensor_model_parallel_rank()
-    return Namespace(
+    return EngineKeySettings(
         model=name,
         revision=model.revision or "",
         kv_dtype=DTYPE_NAMES[dtype],
-        world_size=parallel.tensor_parallel_size,
-        rank=rank,
-        tenant_salt=settings.tenant_salt.encode("utf-8"),
+        tp_size=parallel.tensor_parallel_size,
+        pp_size=parallel.pipeline_parallel_size,
+        chunk_tokens=settings.chunk_tokens,
+        tenant_salt=settings.tenant_salt,
     )
+
+
+def _lora(request: Request) -> str:
+    """The request's LoRA adapter, bound into its chunk keys ("" for the base model)."""
+    return request.lora_request.lora_name if request.lora_request is not None else ""
+
+
+def _worker_ranks() -> tuple[int, int]:
+    """This worker's tensor- and pipeline-parallel ranks. Only a worker has them: the scheduler
+    side runs where no parallel group exists, and looks up rank 0's keys."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    return get_tp_group().rank_in_group, get_pp_group().rank_in_group
+
+
+class NamespaceInfo(KVConnectorPromMetrics):
+    """`kvcache:chunk_namespace_info{...} 1` on the engine's /metrics: the key settings the router
+    needs to name this engine's chunks (never the tenant salt, which the operator gives it)."""
+
+    NAME = "kvcache:chunk_namespace_info"
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        settings = VllmSettings.from_sources(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        published = key_settings(vllm_config, settings).published()
+        _unregister(self.NAME)  # an engine made again in one process registers it again
+        gauge = self._gauge_cls(
+            name=self.NAME,
+            documentation="The settings kvcache binds into this engine's chunk keys",
+            multiprocess_mode="mostrecent",
+            labelnames=[*labelnames, *published],
+        )
+        for values in per_engine_labelvalues.values():
+            gauge.labels(*values, *published.values()).set(1)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        return  # a constant: nothing to record per step
+
+
+def _unregister(name: str) -> None:
+    from prometheus_client import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - as vLLM does
+        if getattr(collector, "_name", None) == name:
+            REGISTRY.unregister(collector)
 
 
 class KVCacheConnector(KVConnectorBase_V1):
@@ -130,12 +182,14 @@ class KVCacheConnector(KVConnectorBase_V1):
             log.info("kvcache: a chunk that fails to load is recomputed, never a failed request")
             transfer.kv_load_failure_policy = "recompute"
         worker = role == KVConnectorRole.WORKER
+        tp_rank, pp_rank = _worker_ranks() if worker else (0, 0)
         self._connector = Connector(
             # the scheduler side only looks up: it keeps no chunks and stores nothing
             ConnectorConfig(
-                _namespace(vllm_config, settings),
+                key_settings(vllm_config, settings).namespace(tp_rank, pp_rank),
                 chunk_tokens=settings.chunk_tokens,
                 local_bytes=settings.local_bytes if worker else 0,
+                store_queue_bytes=settings.store_queue_bytes,
             ),
             codec_by_name(settings.codec),
             settings.client_factory(),
@@ -157,23 +211,41 @@ class KVCacheConnector(KVConnectorBase_V1):
     def connector(self) -> Connector:
         return self._connector
 
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        """The API server's /metrics carries the engine's key settings (`NamespaceInfo`)."""
+        return NamespaceInfo(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     # ---- scheduler side ----
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
+        if request.mm_features:
+            # its KV depends on images the token ids only stand for: not keyed yet, not cached
+            return 0, False
         prompt = request.prompt_token_ids or []
-        hit = self._connector.lookup(prompt, len(prompt) - 1, request.cache_salt)
+        hit = self._connector.lookup(prompt, len(prompt) - 1, request.cache_salt, _lora(request))
         self._hits[request.request_id] = hit.tokens
         return max(0, hit.tokens - num_computed_tokens), False
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        end = self._hits.pop(request.request_id, 0)
+        if request.request_id not in self._hits:
+            return  # not cacheable (multimodal)
+        end = self._hits.pop(request.request_id)
         load = (end - num_external_tokens, end) if num_external_tokens > 0 else None
         prompt = list(request.prompt_token_ids or [])
-        self._admitted[request.request_id] = _Admitted(prompt, request.cache_salt, load)
+        self._admitted[request.request_id] = _Admitted(
+            prompt, request.cache_salt, _lora(request), load, end
+        )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVCacheMetadata:
         meta = KVCacheMetadata()
@@ -204,27 +276,26 @@ class KVCacheConnector(KVConnectorBase_V1):
         computed: int,
         scheduled: dict[str, int],
     ) -> None:
-        if admitted.computed_before is None:
-            admitted.computed_before = computed
         if admitted.load is not None:
             start, end = admitted.load
-            meta.loads.append(
-                ChunkTransfer(
-                    req_id, admitted.prompt[:end], admitted.block_ids, start, end, admitted.salt
-                )
-            )
+            meta.loads.append(self._transfer(req_id, admitted, start, end))
             admitted.load = None
         if computed + scheduled.get(req_id, 0) < len(admitted.prompt):
             return  # the prefill goes on next step
         del self._admitted[req_id]
         full = len(admitted.prompt) // self._chunk * self._chunk
-        first = admitted.computed_before // self._chunk * self._chunk
+        # from the cache's own prefix: chunks vLLM found in its own blocks (a chat's earlier
+        # replies) are stored too, or other engines could only load the turns before them
+        first = admitted.cluster_tokens
         if full > first:
-            meta.stores.append(
-                ChunkTransfer(
-                    req_id, admitted.prompt[:full], admitted.block_ids, first, full, admitted.salt
-                )
-            )
+            meta.stores.append(self._transfer(req_id, admitted, first, full))
+
+    @staticmethod
+    def _transfer(req_id: str, admitted: _Admitted, start: int, end: int) -> ChunkTransfer:
+        return ChunkTransfer(
+            req_id, admitted.prompt[:end], admitted.block_ids, start, end,
+            admitted.salt, admitted.lora,
+        )  # fmt: skip
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -262,7 +333,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         """Writes what it can of the load into the pages; returns the end of what it wrote."""
         assert self._paged is not None, "register_kv_caches comes first"
         first = load.start // self._chunk * self._chunk
-        keys = self._connector.keys(load.token_ids, load.salt)[first // self._chunk :]
+        keys = self._connector.keys(load.token_ids, load.salt, load.lora)[first // self._chunk :]
         kv = self._connector.load_keys(keys)
         loaded_to = first + (0 if kv is None else kv.shape[2])
         if loaded_to > load.start:
@@ -270,7 +341,9 @@ class KVCacheConnector(KVConnectorBase_V1):
             self._paged.scatter(
                 kv[:, :, load.start - first : end - first], load.block_ids, load.start
             )
-        return min(loaded_to, load.end)
+        # a load that starts mid-chunk and finds nothing failed from its own start: the tokens
+        # before it are vLLM's own hit, not blocks to recompute
+        return max(load.start, min(loaded_to, load.end))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv has written every layer
@@ -293,7 +366,7 @@ class KVCacheConnector(KVConnectorBase_V1):
             try:
                 assert self._paged is not None, "register_kv_caches comes first"
                 kv = self._paged.gather(store.block_ids, store.start, store.end)
-                keys = self._connector.keys(store.token_ids, store.salt)[
+                keys = self._connector.keys(store.token_ids, store.salt, store.lora)[
                     store.start // self._chunk :
                 ]
                 self._connector.store_chunks(keys, kv)

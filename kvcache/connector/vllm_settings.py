@@ -33,6 +33,7 @@ class VllmSettings:
     codec: str = DEFAULT_CODEC
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     local_bytes: int = 2 * GiB
+    store_queue_bytes: int = GiB  # chunks copied out of the engine, waiting to be stored
     replicas: int = 1
     timeout_s: float = ENGINE_TIMEOUT_S
     down_backoff_s: float = ENGINE_DOWN_BACKOFF_S
@@ -48,6 +49,7 @@ class VllmSettings:
         if (
             self.chunk_tokens < 1
             or self.local_bytes < 0
+            or self.store_queue_bytes < 1
             or self.replicas < 1
             or not self.timeout_s > 0
             or self.down_backoff_s < 0
@@ -70,7 +72,7 @@ class VllmSettings:
             raw = extra.get(name, env.get(f"KVCACHE_{name.upper()}"))
             if raw is None:
                 continue
-            parse = parse_bytes if name == "local_bytes" else _PARSERS[str(spec.type)]
+            parse = parse_bytes if name.endswith("_bytes") else _PARSERS[str(spec.type)]
             values[name] = parse(raw)
         return cls(**values)
 

@@ -7,8 +7,12 @@ cached prefix is found by walking the keys in order. The connector, the router a
 compute keys here, so they agree byte for byte.
 
 ``H`` is BLAKE2b with a 32-byte digest: prompts are chosen by users, so collisions must be
-infeasible, and ``Namespace`` binds everything that makes KV differ (model, layout, dtype,
-tensor-parallel rank, tenant salt) so two namespaces never share a key.
+infeasible, and ``Namespace`` binds everything that makes KV differ (model, revision, layout,
+dtype, tensor- and pipeline-parallel rank, LoRA adapter, tenant salt) so two namespaces never
+share a key. ``EngineKeySettings.namespace`` is the one place a namespace is made from an engine's
+settings: the connector calls it with what it reads off its engine, the router with what the
+engine publishes (`kvcache:chunk_namespace_info` on its /metrics) and the salt the operator gave
+it, so both name a chunk alike.
 
 This module must never do I/O, keep state between calls, or depend on anything process-local
 (``hash()``, ``PYTHONHASHSEED``, platform byte order): every process must derive the same keys.
@@ -19,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import NewType
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "KEY_BYTES",
     "ChunkKey",
+    "EngineKeySettings",
     "Namespace",
     "chunk_keys",
     "token_bytes",
@@ -33,12 +38,13 @@ __all__ = [
 
 KEY_BYTES = 32
 DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_KV_LAYOUT = "layers,2,tokens,kv_heads,head_dim"
 
 ChunkKey = NewType("ChunkKey", bytes)
 
 # Domain tags. Changing the encoding means bumping the version, which moves every key (an old
 # cache then simply misses instead of serving KV computed under different rules).
-_NAMESPACE_TAG = b"kvcache-ns-v1"
+_NAMESPACE_TAG = b"kvcache-ns-v2"
 # Full and partial chunk tags have equal length, so the hashed message is parsed unambiguously:
 # 32-byte parent key, 10-byte tag, then the chunk's payload.
 _FULL_CHUNK_TAG = b"kvc1/full\x00"
@@ -70,11 +76,14 @@ class Namespace:
 
     model: str
     revision: str = ""
-    kv_layout: str = "layers,2,tokens,kv_heads,head_dim"
+    kv_layout: str = DEFAULT_KV_LAYOUT
     kv_dtype: str = "float16"
-    world_size: int = 1
+    world_size: int = 1  # tensor-parallel
     rank: int = 0
     tenant_salt: bytes = b""
+    pp_size: int = 1  # pipeline-parallel stages: each holds its own layers' KV
+    pp_rank: int = 0
+    lora: str = ""  # the LoRA adapter the KV was computed with ("" for the base model)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -83,8 +92,18 @@ class Namespace:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        if self.pp_size < 1 or not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank must be in [0, pp_size >= 1), got {self.pp_rank}/{self.pp_size}")
         if not isinstance(self.tenant_salt, bytes):
             raise ValueError("tenant_salt must be bytes")
+
+    def for_request(self, lora: str = "", salt: str | None = None) -> Namespace:
+        """The namespace of one request's KV: its LoRA adapter, and its own `cache_salt` added
+        to the tenant salt (salted requests share KV only with requests of the same salt)."""
+        if not lora and not salt:
+            return self
+        salted = self.tenant_salt + b"\x00" + salt.encode("utf-8") if salt else self.tenant_salt
+        return replace(self, lora=lora or self.lora, tenant_salt=salted)
 
     def canonical_bytes(self) -> bytes:
         """The unambiguous encoding hashed into the root key (every field, length-prefixed)."""
@@ -97,12 +116,66 @@ class Namespace:
                 _field(self.kv_dtype.encode("utf-8")),
                 struct.pack("<QQ", self.world_size, self.rank),
                 _field(self.tenant_salt),
+                struct.pack("<QQ", self.pp_size, self.pp_rank),
+                _field(self.lora.encode("utf-8")),
             ]
         )
 
     def root_key(self) -> ChunkKey:
         """key(-1): the parent of chunk 0, so every chain starts inside its namespace."""
         return _hash(self.canonical_bytes())
+
+
+@dataclass(frozen=True)
+class EngineKeySettings:
+    """What an engine binds into its chunk keys, for all its ranks: read off the engine by the
+    connector, published on its /metrics without the salt (`published`), and read back there by
+    the router, which takes the salt from the operator (the engine's KVCACHE_TENANT_SALT)."""
+
+    model: str
+    revision: str = ""
+    kv_dtype: str = "float16"
+    kv_layout: str = DEFAULT_KV_LAYOUT
+    tp_size: int = 1
+    pp_size: int = 1
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    tenant_salt: str = field(default="", repr=False)
+
+    def namespace(self, tp_rank: int = 0, pp_rank: int = 0) -> Namespace:
+        """The namespace of one rank's KV (the scheduler and the router look up rank 0's)."""
+        return Namespace(
+            model=self.model,
+            revision=self.revision,
+            kv_layout=self.kv_layout,
+            kv_dtype=self.kv_dtype,
+            world_size=self.tp_size,
+            rank=tp_rank,
+            tenant_salt=self.tenant_salt.encode("utf-8"),
+            pp_size=self.pp_size,
+            pp_rank=pp_rank,
+        )
+
+    def published(self) -> dict[str, str]:
+        """Every setting but the salt, as text (Prometheus labels)."""
+        return {spec.name: str(getattr(self, spec.name)) for spec in fields(self)
+                if spec.name != "tenant_salt"}  # fmt: skip
+
+    @classmethod
+    def from_published(cls, labels: dict[str, str], tenant_salt: str = "") -> EngineKeySettings:
+        """The settings an engine published; ValueError if any is missing or malformed."""
+        try:
+            return cls(
+                model=labels["model"],
+                revision=labels["revision"],
+                kv_dtype=labels["kv_dtype"],
+                kv_layout=labels["kv_layout"],
+                tp_size=int(labels["tp_size"]),
+                pp_size=int(labels["pp_size"]),
+                chunk_tokens=int(labels["chunk_tokens"]),
+                tenant_salt=tenant_salt,
+            )
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"malformed chunk namespace settings {labels}: {exc!r}") from None
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:

@@ -66,18 +66,20 @@ def test_the_store_worker_drops_what_does_not_fit_and_survives_failures():
             raise OSError("cluster gone")
         return sum(map(len, blobs))
 
-    worker = StoreWorker(lambda chunk: bytes(chunk.numel()), slow_sink, capacity=1)
+    # the budget is in bytes: 3 + 4 float32s fit in 28 bytes, one more chunk does not
+    worker = StoreWorker(lambda chunk: bytes(chunk.numel()), slow_sink, capacity_bytes=28)
     try:
         assert worker.submit([b"bad"], [torch.zeros(3)])  # taken by the worker, then blocks
-        deadline = threading.Event()
-        while worker._queue.qsize() and not deadline.wait(0.01):  # until the worker holds it
-            pass
-        assert worker.submit([b"k1"], [torch.zeros(4)])  # fills the queue
-        assert not worker.submit([b"k2", b"k3"], [torch.zeros(4), torch.zeros(4)])
+        assert worker.submit([b"k1"], [torch.zeros(4)])  # fills the budget
+        assert worker.queued_bytes == 28
+        assert not worker.submit([b"k2"], [torch.zeros(1)])
         release.set()
         assert worker.drain(10)
-        assert (worker.stats.stored, worker.stats.failed, worker.stats.dropped) == (1, 1, 2)
-        assert worker.stats.bytes_stored == 4
+        assert worker.queued_bytes == 0  # what was stored (or failed) no longer counts
+        assert worker.submit([b"k3"], [torch.zeros(7)])
+        assert worker.drain(10)
+        assert (worker.stats.stored, worker.stats.failed, worker.stats.dropped) == (2, 1, 1)
+        assert worker.stats.bytes_stored == 4 + 7
     finally:
         release.set()
         worker.close()
@@ -171,3 +173,35 @@ def test_without_a_cluster_the_local_tier_still_serves():
         assert hit.local_chunks == 2 and torch.equal(engine.load(hit), kv)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(lambda kv: kv[:, :, : CHUNK - 4], id="fewer-tokens"),
+        pytest.param(lambda kv: torch.cat([kv, kv[:, :, :4]], dim=2), id="more-tokens"),
+        pytest.param(lambda kv: kv[:, :, :, :1].contiguous(), id="other-heads"),
+        pytest.param(lambda kv: kv.to(torch.float16), id="other-dtype"),
+    ],
+)
+def test_a_well_formed_blob_of_the_wrong_shape_is_a_corrupt_chunk(start_cluster, wrong):
+    """A blob that decodes, but not to this chunk's KV (another token count, other heads or
+    dtype), would put KV at the wrong positions: the load stops before it."""
+    cluster = start_cluster(1)
+    tokens = list(range(3 * CHUNK))
+    kv = prompt_kv(len(tokens))
+    reader = connector(cluster.members)
+    try:
+        keys = reader.keys(tokens)
+        chunks = [kv[:, :, i * CHUNK : (i + 1) * CHUNK] for i in range(3)]
+        blobs = [encode(chunks[0], RawCodec()), encode(wrong(chunks[1]), RawCodec()),
+                 encode(chunks[2], RawCodec())]  # fmt: skip
+        with ClusterClient(cluster.members) as client:
+            assert client.put(keys, blobs) == [True] * 3
+        hit = reader.lookup(tokens)
+        assert hit.chunks == 3
+        loaded = reader.load(hit)
+        assert torch.equal(loaded, kv[:, :, :CHUNK])
+        assert reader.stats.load_failures == 1
+    finally:
+        reader.close()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvcache.core.keys import (
     DEFAULT_CHUNK_TOKENS,
     KEY_BYTES,
+    EngineKeySettings,
     Namespace,
     chunk_keys,
     token_bytes,
@@ -30,10 +31,11 @@ def test_keys_are_32_bytes_one_per_full_chunk():
     assert len(NS.root_key()) == KEY_BYTES
 
 
-# Derived independently from the documented encoding (length-prefixed namespace fields,
-# 10-byte tags, little-endian uint32 tokens, partial count as uint32) when this test was written.
-GOLDEN_FULL = "7401422747f8bd5356a49029ad1ac8faf83904095d7f3241e419afd15568bb47"
-GOLDEN_PARTIAL = "35a2e90ceaad996b745ded2751802b6d8e09970cdb8d30e5d70cb337ae0688e2"
+# Derived independently from the documented encoding (length-prefixed namespace fields, v2: PP
+# size and rank and the LoRA adapter after the salt; 10-byte tags, little-endian uint32 tokens,
+# partial count as uint32) with hashlib alone when this test was written.
+GOLDEN_FULL = "d9ba584a87e33d840028dd3d5fcdcb405ca6980a524853a5e3ff9f9fbc0ddc14"
+GOLDEN_PARTIAL = "beeb8517bec35dba00749fad75aa84a1f752555a18434da4195b8259578387d7"
 
 
 def test_keys_are_stable_across_processes_and_versions():
@@ -72,6 +74,9 @@ def test_changing_one_token_changes_its_chunk_and_every_later_key(chunk, offset)
         {"kv_dtype": "bfloat16"},
         {"world_size": 2, "rank": 1},
         {"world_size": 2, "rank": 0},
+        {"pp_size": 2, "pp_rank": 1},
+        {"pp_size": 2, "pp_rank": 0},
+        {"lora": "sql-adapter"},
     ],
 )
 def test_namespaces_that_differ_in_any_field_have_disjoint_keys(change):
@@ -171,3 +176,42 @@ def test_keys_of_a_sequence_are_a_prefix_of_keys_of_any_extension(prefix, extens
     # The partial key only extends the full chain, never rewrites it.
     with_partial = chunk_keys(prefix, NS, chunk_tokens=chunk_tokens, include_partial=True)
     assert with_partial[: len(short)] == short
+
+
+def test_a_request_salt_and_adapter_move_every_key_and_leave_plain_requests_as_they_were():
+    plain = NS.for_request()
+    assert plain == NS
+    salted, adapted = NS.for_request(salt="user-7"), NS.for_request(lora="sql-adapter")
+    keys = {ns: set(chunk_keys(TOKENS, ns)) for ns in (NS, salted, adapted)}
+    assert not keys[NS] & keys[salted] and not keys[NS] & keys[adapted]
+    assert not keys[salted] & keys[adapted]
+    # the same salt twice names the same chunks (requests of one salt share KV)
+    assert chunk_keys(TOKENS, NS.for_request(salt="user-7")) == chunk_keys(TOKENS, salted)
+
+
+def test_engine_key_settings_travel_without_the_salt_and_rebuild_the_same_namespace():
+    settings = EngineKeySettings(
+        model="llama", revision="r1", kv_dtype="bfloat16", tp_size=2, pp_size=2,
+        chunk_tokens=128, tenant_salt="s3cret",
+    )  # fmt: skip
+    published = settings.published()
+    assert "s3cret" not in repr(published) and "s3cret" not in repr(settings)
+    rebuilt = EngineKeySettings.from_published(published, tenant_salt="s3cret")
+    assert rebuilt == settings
+    assert rebuilt.namespace(1, 1) == settings.namespace(1, 1)
+    assert settings.namespace().rank == 0 and settings.namespace(1, 0).rank == 1
+    # without the salt the router would name other chunks than the engine's
+    unsalted = EngineKeySettings.from_published(published)
+    assert chunk_keys(TOKENS, unsalted.namespace()) != chunk_keys(TOKENS, settings.namespace())
+
+
+@pytest.mark.parametrize("broken", [{"tp_size": "two"}, {"model": None}])
+def test_malformed_published_settings_raise_value_error(broken):
+    published = EngineKeySettings(model="llama").published()
+    for name, value in broken.items():
+        if value is None:
+            del published[name]
+        else:
+            published[name] = value
+    with pytest.raises(ValueError, match="malformed chunk namespace"):
+        EngineKeySettings.from_published(published)
