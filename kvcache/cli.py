@@ -117,12 +117,9 @@ def _router(args: argparse.Namespace) -> None:
                 for name, address in parse_named(args.cluster_members, "member").items()
             ]
             cluster = ClusterSettings(
-                model=args.model or "",
                 etcd=args.cluster_etcd or "",
                 name=args.cluster,
                 members=tuple(members),
-                kv_dtype=args.kv_dtype,
-                chunk_tokens=args.chunk_tokens,
                 lookup_budget_s=args.cluster_lookup_budget_ms / 1e3,
                 curve=curve_client_keys(None, None),  # KVCACHE_CURVE_SERVER_KEY, ...
             )
@@ -135,8 +132,17 @@ def _router(args: argparse.Namespace) -> None:
             engines=engines,
             events=events,
             tokenizer=args.tokenizer,
-            policy=PolicySettings(block_size=args.block_size, hash_seed=args.hash_seed),
+            policy=PolicySettings(
+                block_size=args.block_size,
+                hash_seed=args.hash_seed,
+                **{
+                    name: value
+                    for name in ("speculative_ttl_s", "history_ttl_s", "index_capacity_blocks")
+                    if (value := getattr(args, name)) is not None
+                },
+            ),
             cluster=cluster,
+            tenant_salt=args.tenant_salt,
         )
     except ValueError as error:
         sys.exit(f"kvcache router: {error}")
@@ -226,9 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--cluster-members", action="append", default=[], help="NAME=tcp://host:port (repeat)"
     )
-    router.add_argument("--model", help="the model's name in the connectors' chunk keys")
-    router.add_argument("--kv-dtype", default="bfloat16", help="the engines' KV dtype")
-    router.add_argument("--chunk-tokens", type=int, default=256)
+    router.add_argument(
+        "--tenant-salt", default=_env("KVCACHE_TENANT_SALT", ""),
+        help="the chunk-key salt of the --engine engines (discovered pods carry their own)",
+    )  # fmt: skip
+    router.add_argument(
+        "--speculative-ttl-s", type=float,
+        help="how long a routed prefix counts on an engine before its KV events confirm it (5)",
+    )  # fmt: skip
+    router.add_argument(
+        "--history-ttl-s", type=float,
+        help="how long a routed prefix counts where no KV event will confirm it (text mode, "
+        "engines without events; 300)",
+    )  # fmt: skip
+    router.add_argument(
+        "--index-capacity-blocks", type=int, help="prefix index entries per engine (65536)",
+    )  # fmt: skip
     router.add_argument(
         "--cluster-lookup-budget-ms", type=float, default=20.0,
         help="the longest a request waits for the cluster's answer before it is routed without",

@@ -1,9 +1,9 @@
 """Stores newly computed chunks off the request's path: encode, keep locally, put to the cluster.
 
-A queue bounded in bytes between the engine and one worker thread (a count of requests would let
-a burst of long prompts against a slow cluster hold the host's memory): what does not fit is
-dropped and counted (a slow or dead cluster costs future hits, never the current request's latency), and
-any error in the worker is counted, never raised into the engine.
+A queue bounded in bytes between the engine and one worker thread (a count of requests would
+let a burst of long prompts against a slow cluster hold the host's memory): what does not fit
+is dropped and counted (a slow or dead cluster costs future hits, never the current request's
+latency), and any error in the worker is counted, never raised into the engine.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ class NamespaceInfo(KVConnectorPromMetrics):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        settings = VllmSettings.from_sources(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        settings = VllmSettings.from_sources(extra)
         published = key_settings(vllm_config, settings).published()
         _unregister(self.NAME)  # an engine made again in one process registers it again
         gauge = self._gauge_cls(

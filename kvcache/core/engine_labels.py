@@ -9,3 +9,6 @@ ENGINE_PORT_ANNOTATION = "kvcache.io/engine-port"
 EVENTS_PORT_ANNOTATION = "kvcache.io/kv-events-port"
 REPLAY_PORT_ANNOTATION = "kvcache.io/kv-replay-port"
 ENGINE_PORT = 8000  # vLLM's default, when the engine's arguments name none
+# The chunk-key salt of a joined engine's namespace (isolation Namespace), in its vLLM
+# container's env: its connector keys chunks with it, the router reads it off the pod.
+TENANT_SALT_ENV = "KVCACHE_TENANT_SALT"

@@ -93,7 +93,7 @@ class Namespace:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         if self.pp_size < 1 or not 0 <= self.pp_rank < self.pp_size:
-            raise ValueError(f"pp_rank must be in [0, pp_size >= 1), got {self.pp_rank}/{self.pp_size}")
+            raise ValueError(f"pp rank {self.pp_rank} of {self.pp_size} stages is out of range")
         if not isinstance(self.tenant_salt, bytes):
             raise ValueError("tenant_salt must be bytes")
 

@@ -35,6 +35,7 @@ from kvcache.operator.names import (
     JOINED_ANNOTATION,
     REPLAY_PORT,
     REPLAY_PORT_ANNOTATION,
+    TENANT_SALT_ENV,
     ClusterRef,
 )
 from kvcache.operator.render import EnvValue, client_env, curve_client_env, env_entry
@@ -90,7 +91,7 @@ def engine_settings(
         )
     env: dict[str, EnvValue] = {**client_env(spec, ref), "PYTHONHASHSEED": HASH_SEED}
     if spec.isolation == "Namespace":
-        env["KVCACHE_TENANT_SALT"] = tenant_salt(cluster_uid, engine_namespace)
+        env[TENANT_SALT_ENV] = tenant_salt(cluster_uid, engine_namespace)
     env.update(curve_client_env(spec))
     return EngineSettings(ref, env)
 

@@ -20,6 +20,7 @@ from kvcache.core.engine_labels import (  # noqa: F401 - the operator's names
     ENGINE_PORT_ANNOTATION,
     EVENTS_PORT_ANNOTATION,
     REPLAY_PORT_ANNOTATION,
+    TENANT_SALT_ENV,
 )
 from kvcache.operator.schema import Pattern
 

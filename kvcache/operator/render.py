@@ -152,11 +152,6 @@ def curve_client_env(spec: KVCacheClusterSpec) -> dict[str, dict[str, Any]]:
     }
 
 
-def router_curve_env(spec: KVCacheClusterSpec) -> dict[str, dict[str, Any]]:
-    """The router's CurveZMQ references: only a router that asks the nodes (spec.router.model)."""
-    return curve_client_env(spec) if spec.router.model else {}
-
-
 def _secret_key_ref(secret: str, key: str, optional: bool) -> dict[str, Any]:
     ref: dict[str, Any] = {"name": secret, "key": key}
     if optional:
@@ -418,18 +413,17 @@ def router_command(spec: KVCacheClusterSpec, ref: ClusterRef) -> list[str]:
         "--engine-selector", engine_selector_text(ref),
         "--block-size", str(spec.router.block_size),
         "--hash-seed", HASH_SEED,
+        "--history-ttl-s", str(spec.router.history_ttl_seconds),
+        "--speculative-ttl-s", str(spec.router.speculative_ttl_seconds),
+        "--index-capacity-blocks", str(spec.router.index_capacity_blocks),
     ]  # fmt: skip
     for namespace in engine_namespaces(spec, ref):
         command += ["--engine-namespace", namespace]
     if spec.router.tokenizer:
         command += ["--tokenizer", spec.router.tokenizer]
-    if spec.router.model:
-        command += [
-            "--model", spec.router.model,
-            "--cluster-etcd", etcd_endpoint(spec, ref),
-            "--cluster", ref.etcd_cluster,
-            "--chunk-tokens", str(spec.chunk_tokens),
-        ]  # fmt: skip
+    # it asks the nodes what each engine could load, in the keys the engine's connector
+    # publishes and salted as `join` salted that engine's namespace
+    command += ["--cluster-etcd", etcd_endpoint(spec, ref), "--cluster", ref.etcd_cluster]
     return command
 
 
@@ -476,9 +470,8 @@ def router_deployment(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> 
             # A tokenizer named by its hub id is downloaded to HF_HOME; the root filesystem is
             # read-only.
             {"name": "HF_HOME", "value": "/tmp/huggingface"},
-            # With spec.router.model it asks the nodes what an engine could load: their client
-            # too, and only then given the keys
-            *(env_entry(name, value) for name, value in router_curve_env(spec).items()),
+            # it asks the nodes what each engine could load: a client of theirs, with its keys
+            *(env_entry(name, value) for name, value in curve_client_env(spec).items()),
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         # live while it serves; ready (in its Service) while it has an engine to route to

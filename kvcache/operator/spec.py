@@ -68,10 +68,23 @@ class RouterSpec:
         "requests are routed by vLLM's exact block hashes. Without it, by their text.",
         None,
     )
-    model: str | None = spec_field(
-        "The served model's name as the engines' connectors key chunks: the router then also "
-        "counts what an engine could load from the cache nodes.",
-        None,
+    history_ttl_seconds: int = spec_field(
+        "How long a routed prefix counts on its engine where no KV event will confirm it (text "
+        "routing without a tokenizer, engines that publish no events): a conversation whose "
+        "next turn comes within it returns to its engine.",
+        300,
+        minimum=1,
+    )
+    speculative_ttl_seconds: int = spec_field(
+        "How long a routed prefix counts on an engine that publishes KV events before an event "
+        "confirms it.",
+        5,
+        minimum=1,
+    )
+    index_capacity_blocks: int = spec_field(
+        "Prefix-index entries the router keeps per engine (size it from the engines' KV blocks).",
+        65536,
+        minimum=1,
     )
     resources: dict[str, Any] = spec_field(
         "Kubernetes resource requirements of each router pod.", default_factory=dict

@@ -5,8 +5,11 @@ forwarded as received (bytes, never re-serialized) through one pooled aiohttp se
 streamed answer is relayed chunk by chunk as the engine writes it. If the engine cannot be reached
 or answers 5xx before any byte reached the client, the next engine in the ranking gets the request.
 A client that goes away mid-stream closes the upstream connection, which makes vLLM abort the
-request instead of generating for no one. `/v1/models` asks any healthy engine; `/healthz` is ready
-while one engine is, `/livez` while the process serves; `/metrics` is Prometheus text.
+request instead of generating for no one. A request is ranked only among the engines that serve
+its `model` (their `/v1/models`, adapters included), and `/v1/models` lists what they all serve.
+Errors are OpenAI-shaped and never name an engine's pod or address (those go to the log).
+`/healthz` is ready while one engine is, `/livez` while the process serves; `/metrics` is
+Prometheus text.
 """
 
 from __future__ import annotations
@@ -88,6 +91,16 @@ class _Metrics:
         )  # fmt: skip
 
 
+def openai_error(status: int, message: str, kind: str) -> JSONResponse:
+    """An error as vLLM and OpenAI shape it, so clients' error handling works the same."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status)
+
+
+def _outcome(status: int) -> str:
+    return "ok" if status < 400 else str(status)
+
+
 def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
 
@@ -162,16 +175,20 @@ def create_app(
             if not isinstance(payload, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as error:
-            return JSONResponse({"error": {"message": f"bad request body: {error}"}}, 400)
+            return openai_error(400, f"bad request body: {error}", "BadRequestError")
+        healthy = pool.healthy()
+        if not healthy:
+            return openai_error(503, "no healthy engine", "ServiceUnavailableError")
+        model = payload.get("model")
+        serving = [engine for engine in healthy if engine.serves(model)]
+        if not serving:
+            return openai_error(404, f"The model `{model}` does not exist.", "NotFoundError")
         started = time.perf_counter()
-        decision = await policy.rank(path, payload, pool.healthy())
+        decision = await policy.rank(path, payload, serving)
         metrics.decision.observe(time.perf_counter() - started)
         ranking = decision.ranking
-        if not ranking:
-            return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
         headers = _forward_headers(request.headers)
         session = state["session"]
-        last_error = "no engine answered"
         for attempt, engine in enumerate(ranking[: settings.max_attempts]):
             if attempt:
                 metrics.retries.inc()
@@ -184,23 +201,23 @@ def create_app(
                 engine.awaiting_first_token -= 1
                 pool.mark_failed(engine)
                 metrics.requests.labels(engine.name, "unreachable").inc()
-                last_error = f"engine {engine.name} unreachable: {error}"
+                log.warning("engine %s (%s) unreachable: %s", engine.name, engine.url, error)
                 continue
             if upstream.status >= 500 and attempt + 1 < min(len(ranking), settings.max_attempts):
                 upstream.release()
                 engine.in_flight -= 1
                 engine.awaiting_first_token -= 1
                 metrics.requests.labels(engine.name, f"{upstream.status}").inc()
-                last_error = f"engine {engine.name} answered {upstream.status}"
+                log.warning("engine %s answered %d; trying the next", engine.name, upstream.status)
                 continue
             policy.routed(decision, engine)
-            metrics.requests.labels(engine.name, "ok").inc()
+            metrics.requests.labels(engine.name, _outcome(upstream.status)).inc()
             return _RelayResponse(
                 _relay(upstream, engine, functools.partial(policy.first_byte, decision, engine)),
                 status_code=upstream.status,
                 headers=_forward_headers(upstream.headers),
             )
-        return JSONResponse({"error": {"message": last_error}}, 502)
+        return openai_error(502, "no engine could take the request", "BadGatewayError")
 
     # Plain Starlette routes: FastAPI's dependency resolution runs for every request and gives a
     # proxy nothing (it takes the body as bytes).
@@ -215,14 +232,20 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> Response:
+        cards: dict[str, dict[str, Any]] = {}
         for engine in pool.healthy():
+            for card in engine.model_cards:
+                cards.setdefault(card["id"], card)
+        if cards:
+            return JSONResponse({"object": "list", "data": list(cards.values())})
+        for engine in pool.healthy():  # no scrape has listed them yet
             try:
                 async with state["session"].get(f"{engine.url}/v1/models") as upstream:
                     return Response(await upstream.read(), upstream.status,
                                     media_type=upstream.content_type)  # fmt: skip
             except (TimeoutError, aiohttp.ClientError):
                 pool.mark_failed(engine)
-        return JSONResponse({"error": {"message": "no healthy engine"}}, 503)
+        return openai_error(503, "no healthy engine", "ServiceUnavailableError")
 
     @app.get("/livez")
     async def livez() -> Response:

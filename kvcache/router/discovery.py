@@ -15,7 +15,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from kvcache.core.engine_labels import (
     ENGINE_PORT_ANNOTATION,
     EVENTS_PORT_ANNOTATION,
     REPLAY_PORT_ANNOTATION,
+    TENANT_SALT_ENV,
 )
 from kvcache.router.policy import EngineEvents
 
@@ -39,6 +40,7 @@ class DiscoveredEngine:
     name: str  # namespace/pod
     url: str
     events: EngineEvents | None
+    tenant_salt: str = field(default="", repr=False)  # the operator's, in the engine's env
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,17 @@ def engine_of(pod: dict[str, Any]) -> DiscoveredEngine | None:
             f"tcp://{ip}:{replay}" if replay else None,
         )
     name = f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
-    return DiscoveredEngine(name, f"http://{ip}:{port}", events)
+    return DiscoveredEngine(name, f"http://{ip}:{port}", events, _tenant_salt(pod))
+
+
+def _tenant_salt(pod: dict[str, Any]) -> str:
+    """The chunk-key salt the operator gave the pod's engine (`KVCACHE_TENANT_SALT`, isolation
+    Namespace), so the router names the chunks that engine can load; "" if it has none."""
+    for container in pod.get("spec", {}).get("containers") or []:
+        for entry in container.get("env") or []:
+            if entry.get("name") == TENANT_SALT_ENV and isinstance(entry.get("value"), str):
+                return entry["value"]
+    return ""
 
 
 class PodWatcher:

@@ -1,5 +1,11 @@
 """The engines behind the router: who they are, whether they serve, and how busy they are.
 
+An engine's `/metrics` also carries what its kvcache connector binds into chunk keys
+(`kvcache:chunk_namespace_info`, without the tenant salt, which the router has from the operator),
+and its `/v1/models` the names it serves (LoRA adapters among them): read on every scrape, so the
+router asks the cache cluster for exactly the chunks that engine could load, and sends a request
+only to engines that serve its model.
+
 Load comes from two places: vLLM's own gauges (`vllm:num_requests_running` / `_waiting` on
 `/metrics`, scraped every `interval_s`, which also counts requests other router replicas sent) and
 the router's in-flight count, which moves at once. The larger of the two is the engine's load, so
@@ -14,15 +20,19 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from kvcache.core.keys import EngineKeySettings
 
 log = logging.getLogger(__name__)
 
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
-_LOAD_GAUGES = (_RUNNING, _WAITING)
+_NAMESPACE_INFO = "kvcache:chunk_namespace_info"  # kvcache.connector.vllm.NamespaceInfo
+_PARSED = (_RUNNING, _WAITING, _NAMESPACE_INFO)
 
 
 @dataclass
@@ -35,6 +45,16 @@ class Engine:
     running: float = 0.0  # from the engine's last scrape
     waiting: float = 0.0
     failed_scrapes: int = 0
+    tenant_salt: str = field(default="", repr=False)  # the operator's, for its namespace
+    keys: EngineKeySettings | None = None  # None: no kvcache connector published its settings
+    models: dict[str, str] = field(default_factory=dict)  # served name -> LoRA adapter ("" base)
+    model_cards: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries
+    key_problem: str = ""  # why its published key settings were refused
+
+    def serves(self, model: object) -> bool:
+        """Whether a request for `model` may go here (an engine whose list is not known yet,
+        or a request that names no model, is not refused)."""
+        return not self.models or not isinstance(model, str) or model in self.models
 
     @property
     def load(self) -> float:
@@ -48,18 +68,43 @@ class HealthSettings:
     unhealthy_after: int = 2  # failed scrapes in a row
 
 
-def parse_load(metrics_text: str) -> tuple[float, float]:
-    """(running, waiting) summed over the engine's label sets (one per model, DP rank, ...).
+@dataclass(frozen=True)
+class EngineMetrics:
+    running: float
+    waiting: float
+    key_labels: dict[str, str] | None  # the connector's published key settings
 
-    Only the two gauges' lines are parsed: vLLM's page holds ~40 KB of histograms, which
-    Prometheus' Python parser takes ~7 ms to read, on the event loop every request waits on."""
+
+def parse_metrics(metrics_text: str) -> EngineMetrics:
+    """Running and waiting summed over the engine's label sets (one per model, DP rank, ...),
+    and the labels of the connector's key settings.
+
+    Only those lines are parsed: vLLM's page holds ~40 KB of histograms, which Prometheus'
+    Python parser takes ~7 ms to read, on the event loop every request waits on."""
     totals = {_RUNNING: 0.0, _WAITING: 0.0}
-    lines = [line for line in metrics_text.splitlines() if line.startswith(_LOAD_GAUGES)]
+    key_labels = None
+    lines = [line for line in metrics_text.splitlines() if line.startswith(_PARSED)]
     for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
-    return totals[_RUNNING], totals[_WAITING]
+            elif sample.name == _NAMESPACE_INFO and sample.value == 1:
+                key_labels = dict(sample.labels)
+    return EngineMetrics(totals[_RUNNING], totals[_WAITING], key_labels)
+
+
+def model_cards(listing: Any) -> list[dict[str, Any]]:
+    """The model cards of a `/v1/models` answer."""
+    cards = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(cards, list):
+        raise ValueError("a /v1/models answer without a data list")
+    return [card for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str)]
+
+
+def served_models(cards: list[dict[str, Any]]) -> dict[str, str]:
+    """Each served name, and for a LoRA adapter's card (vLLM names its base model as `parent`)
+    the adapter, which its requests' KV is computed with."""
+    return {card["id"]: card["id"] if card.get("parent") else "" for card in cards}
 
 
 @dataclass
@@ -79,8 +124,11 @@ class EnginePool:
         """Replace the member list (discovery), keeping what is known of engines that stay."""
         fresh = {engine.name: engine for engine in engines}
         for name, engine in fresh.items():
-            if name in self.engines and self.engines[name].url == engine.url:
-                fresh[name] = self.engines[name]
+            known = self.engines.get(name)
+            if known is not None and known.url == engine.url:
+                if known.tenant_salt != engine.tenant_salt:
+                    known.tenant_salt, known.keys = engine.tenant_salt, None  # next scrape
+                fresh[name] = known
         self.engines = fresh
 
     def healthy(self) -> list[Engine]:
@@ -96,7 +144,13 @@ class EnginePool:
         try:
             async with session.get(f"{engine.url}/metrics", timeout=timeout) as response:
                 response.raise_for_status()
-                engine.running, engine.waiting = parse_load(await response.text())
+                found = parse_metrics(await response.text())
+            engine.running, engine.waiting = found.running, found.waiting
+            self._learn_keys(engine, found.key_labels)
+            async with session.get(f"{engine.url}/v1/models", timeout=timeout) as response:
+                response.raise_for_status()
+                engine.model_cards = model_cards(await response.json(content_type=None))
+            engine.models = served_models(engine.model_cards)
         except (TimeoutError, aiohttp.ClientError, ValueError) as error:
             engine.failed_scrapes += 1
             if engine.failed_scrapes >= self.settings.unhealthy_after:
@@ -106,6 +160,22 @@ class EnginePool:
             log.info("engine %s is back in the rotation", engine.name)
         engine.failed_scrapes = 0
         engine.healthy = True
+
+    @staticmethod
+    def _learn_keys(engine: Engine, labels: dict[str, str] | None) -> None:
+        try:
+            keys = None if labels is None else EngineKeySettings.from_published(
+                labels, engine.tenant_salt)  # fmt: skip
+        except ValueError as error:
+            keys = None
+            if engine.keys is not None or not engine.key_problem:
+                log.warning("engine %s: %s; not asking the cluster for it", engine.name, error)
+            engine.key_problem = str(error)
+        else:
+            engine.key_problem = ""
+            if keys is not None and keys != engine.keys:
+                log.info("engine %s keys chunks as %s", engine.name, keys)
+        engine.keys = keys
 
     async def watch(self, session: aiohttp.ClientSession) -> None:
         """Scrape every engine every `interval_s`, until cancelled."""

@@ -10,8 +10,14 @@ router's own counts say how busy each is. `score.rank_engines` turns that into t
 The index learns from three sources: vLLM's KV events (one subscriber per engine that publishes
 them), and the router's own decisions, entered right after routing as speculative entries: with
 events they cover the moment before the engine's own event arrives and expire after
-`speculative_ttl_s`; for an engine without events they are all the router knows, and are kept
-for `history_ttl_s`.
+`speculative_ttl_s`; for an engine without events, and for text chunks (which no event ever
+names), they are all the router knows, and are kept for `history_ttl_s`.
+
+The cluster is asked per engine namespace: each engine publishes what its connector binds into
+chunk keys, and with the salt the operator gave it and the request's own `cache_salt` and LoRA
+adapter (`Namespace.for_request`) the router names exactly the chunks that engine could load.
+vLLM's block hashes also bind a request's `cache_salt`, LoRA adapter and images, which the
+router's hashes do not yet: such requests are not matched against the index.
 """
 
 from __future__ import annotations
@@ -68,56 +74,96 @@ class EngineEvents:
     replay_endpoint: str | None = None
 
 
+@dataclass(frozen=True)
+class ChunkLookup:
+    """Whose chunks to look for: one engine namespace (with the request's salt and adapter)."""
+
+    namespace: Namespace
+    chunk_tokens: int
+
+
 class ClusterLookup:
-    """How much of a prompt the cache cluster holds, in tokens: the connector's chunk keys, asked
-    in one batched lookup on a thread of its own (ZeroMQ sockets are not thread safe, and a slow
-    cluster must never stall the event loop).
+    """How much of a prompt the cache cluster holds, in tokens, for each engine namespace asked:
+    the connectors' chunk keys, asked in batched lookups on a thread of its own (ZeroMQ sockets
+    are not thread safe, and a slow cluster must never stall the event loop).
 
     A request waits at most `budget_s` for the answer and is routed without it past that: a node
     that stopped answering costs the client's timeout (then its down-backoff), and requests must
     not queue behind it. A lookup answered late is dropped, and the thread moves on."""
 
-    def __init__(
-        self,
-        client: Callable[[], ClusterClient],
-        namespace: Namespace,
-        chunk_tokens: int,
-        budget_s: float = 0.02,
-    ) -> None:
+    def __init__(self, client: Callable[[], ClusterClient], budget_s: float = 0.02) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-lookup")
         self._client = self._executor.submit(client).result()
-        self.namespace = namespace
-        self.chunk_tokens = chunk_tokens
         self.budget_s = budget_s
+        self.hit_tokens = 0  # what the cluster held of the prompts asked, summed (a metric)
 
-    def _lookup(self, token_ids: list[int]) -> int:
-        keys = chunk_keys(token_ids, self.namespace, self.chunk_tokens)
-        return self._client.lookup_prefix(keys) * self.chunk_tokens
+    def _lookup(self, token_ids: list[int], lookups: list[ChunkLookup]) -> list[int]:
+        found = []
+        for lookup in lookups:
+            keys = chunk_keys(token_ids, lookup.namespace, lookup.chunk_tokens)
+            found.append(self._client.lookup_prefix(keys) * lookup.chunk_tokens if keys else 0)
+        return found
 
-    async def tokens(self, token_ids: list[int]) -> int:
+    async def tokens(self, token_ids: list[int], lookups: list[ChunkLookup]) -> list[int]:
+        """Tokens of `token_ids` each lookup's namespace holds (0 past the budget)."""
+        if not lookups:
+            return []
         loop = asyncio.get_running_loop()
-        lookup = loop.run_in_executor(self._executor, self._lookup, token_ids)
+        asked = loop.run_in_executor(self._executor, self._lookup, token_ids, lookups)
         try:
-            return await asyncio.wait_for(lookup, self.budget_s)
+            found = await asyncio.wait_for(asked, self.budget_s)
         except TimeoutError:
             log.debug(
                 "cluster lookup over its %.0f ms budget; routing without it", 1e3 * self.budget_s
             )
-            return 0
+            return [0] * len(lookups)
         except Exception:  # noqa: BLE001 - a cluster that fails holds nothing
             log.warning("cluster lookup failed", exc_info=True)
-            return 0
+            return [0] * len(lookups)
+        self.hit_tokens += max(found)
+        return found
 
     def close(self) -> None:
         self._executor.submit(self._client.close).result()
         self._executor.shutdown()
 
 
+def engine_lookup(engine: Engine, payload: dict) -> ChunkLookup | None:
+    """The chunks `engine`'s connector would load for this request: its published key settings
+    with the operator's salt, the request's `cache_salt` and the LoRA adapter its `model` names
+    there (`Namespace.for_request`, as the connector keys it); None without a connector."""
+    if engine.keys is None:
+        return None
+    model, salt = payload.get("model"), payload.get("cache_salt")
+    lora = engine.models.get(model, "") if isinstance(model, str) else ""
+    namespace = engine.keys.namespace().for_request(lora, salt if isinstance(salt, str) else None)
+    return ChunkLookup(namespace, engine.keys.chunk_tokens)
+
+
 @dataclass
 class Decision:
     ranking: list[Engine]
     block_hashes: list[int]
+    by_text: bool = False  # text chunks: no engine event will ever confirm them
     speculated_at: float | None = None  # when `routed` entered the blocks (monotonic)
+
+
+def has_extra_keys(path: str, payload: dict, engines: list[Engine]) -> bool:
+    """Whether vLLM's block hashes for this request bind more than its tokens: a `cache_salt`,
+    a LoRA adapter, or images and other non-text parts (vLLM's extra keys)."""
+    if payload.get("cache_salt"):
+        return True
+    model = payload.get("model")
+    if isinstance(model, str) and any(engine.models.get(model) for engine in engines):
+        return True
+    if path.endswith("chat/completions"):
+        for message in payload.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type", "text") != "text" for part in content
+            ):
+                return True
+    return False
 
 
 def text_chunk_hashes(text: str) -> list[int]:
@@ -205,15 +251,22 @@ class PrefixPolicy:
             block_tokens = TEXT_CHUNK_CHARS // CHARS_PER_TOKEN
             hashes = text_chunk_hashes(prompt.text)
             prompt_tokens = max(1, len(prompt.text) // CHARS_PER_TOKEN)
+        affinity = (
+            affinity_block(hashes, block_tokens, self.settings.score)
+            if hashes
+            else xxhash.xxh3_64_intdigest(prompt.text.encode("utf-8", "surrogatepass"))
+        )
+        if has_extra_keys(path, payload, engines):
+            hashes = []  # they would match blocks vLLM keeps apart
         matched = self.index.match(hashes) if hashes else {}
-        cluster_tokens = 0
+        cluster_tokens: dict[str, int] = {}
         if self._cluster is not None and prompt.token_ids is not None:
-            cluster_tokens = await self._cluster.tokens(prompt.token_ids[:-1])
+            cluster_tokens = await self._cluster_tokens(prompt.token_ids[:-1], payload, engines)
         states = [
             EngineState(
                 name=engine.name,
                 gpu_tokens=matched.get(engine.name, 0) * block_tokens,
-                cluster_tokens=cluster_tokens,
+                cluster_tokens=cluster_tokens.get(engine.name, 0),
                 running=engine.running,
                 waiting=engine.waiting,
                 in_flight=engine.in_flight,
@@ -223,20 +276,31 @@ class PrefixPolicy:
             )
             for engine in engines
         ]
-        affinity = (
-            affinity_block(hashes, block_tokens, self.settings.score)
-            if hashes
-            else xxhash.xxh3_64_intdigest(prompt.text.encode("utf-8", "surrogatepass"))
-        )
         ranking = rank_engines(RouteRequest(prompt_tokens, affinity), states, self.settings.score)
         by_name = {engine.name: engine for engine in engines}
-        return Decision([by_name[candidate.name] for candidate in ranking], hashes)
+        by_text = prompt.token_ids is None
+        return Decision([by_name[candidate.name] for candidate in ranking], hashes, by_text)
+
+    async def _cluster_tokens(
+        self, token_ids: list[int], payload: dict, engines: list[Engine]
+    ) -> dict[str, int]:
+        """What each engine could load of the prompt from the cluster: one lookup per engine
+        namespace among them (engines that publish no key settings get nothing)."""
+        assert self._cluster is not None
+        groups: dict[ChunkLookup, list[str]] = {}
+        for engine in engines:
+            lookup = engine_lookup(engine, payload)
+            if lookup is not None:
+                groups.setdefault(lookup, []).append(engine.name)
+        found = await self._cluster.tokens(token_ids, list(groups))
+        return {name: tokens for names, tokens in zip(groups.values(), found) for name in names}
 
     def routed(self, decision: Decision, engine: Engine) -> None:
         """The prompt's blocks are on `engine` soon: say so before its events do."""
         if not decision.block_hashes:
             return
-        self.index.add_speculative(engine.name, decision.block_hashes, self._ttl_s(engine))
+        ttl_s = self.settings.history_ttl_s if decision.by_text else self._ttl_s(engine)
+        self.index.add_speculative(engine.name, decision.block_hashes, ttl_s)
         decision.speculated_at = time.monotonic()
 
     def first_byte(self, decision: Decision, engine: Engine) -> None:
@@ -244,8 +308,8 @@ class PrefixPolicy:
         queued longer than their TTL still keeps its prefix's later requests on its engine. A
         prefill done within a quarter of the TTL leaves them be: rewriting a 4K-token prompt's
         entries costs as much as ranking it."""
-        if decision.speculated_at is None:
-            return
+        if decision.speculated_at is None or decision.by_text:
+            return  # text entries are kept for the history TTL from routing on
         if time.monotonic() - decision.speculated_at >= self._ttl_s(engine) / 4:
             self.routed(decision, engine)
 

@@ -5,9 +5,10 @@ endpoint of its KV events (`NAME=tcp://host:port`, `--engine-events`) and of the
 (`--engine-replay`). With `--tokenizer` requests are routed by vLLM's block hashes (the engines
 must run with `--prefix-caching-hash-algo sha256_cbor` and the given `PYTHONHASHSEED`); without it,
 by text. With a cluster (`--cluster-etcd` or `--cluster-members`) the router also counts what an
-engine could load from kvcache instead of prefilling; nodes that speak CurveZMQ need
-`KVCACHE_CURVE_SERVER_KEY` (and the router's pair, `KVCACHE_CURVE_PUBLIC_KEY` / `_SECRET_KEY`) in
-its environment, as the connector does.
+engine could load from kvcache instead of prefilling, in the chunk keys its connector publishes
+(`kvcache:chunk_namespace_info` on its /metrics) salted as the operator salted them; nodes that
+speak CurveZMQ need `KVCACHE_CURVE_SERVER_KEY` (and the router's pair, `KVCACHE_CURVE_PUBLIC_KEY`
+/ `_SECRET_KEY`) in its environment, as the connector does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from fastapi import FastAPI
 
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.config import ClientConfig, CurveClientKeys, EtcdConfig
-from kvcache.core.keys import DEFAULT_CHUNK_TOKENS, Namespace
 from kvcache.core.ring import Member
 from kvcache.router.app import create_app
 from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher
@@ -31,14 +31,12 @@ from kvcache.router.tokenize import Tokenizer
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Where the cache cluster is, and the namespace the engines' connectors key chunks in."""
+    """Where the cache cluster is. What each engine's connector binds into its chunk keys comes
+    from the engine itself (its /metrics), its salt from the operator (the pod's env)."""
 
-    model: str  # the served model's name, as the connectors see it
     etcd: str = ""
     name: str = "default"
     members: tuple[Member, ...] = ()
-    kv_dtype: str = "bfloat16"
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     lookup_budget_s: float = 0.02  # a request's longest wait for the cluster's answer
     curve: CurveClientKeys | None = None  # the nodes speak CurveZMQ
 
@@ -54,8 +52,7 @@ class ClusterSettings:
             def client() -> ClusterClient:
                 return ClusterClient(list(self.members), config)
 
-        namespace = Namespace(model=self.model, kv_dtype=self.kv_dtype)
-        return ClusterLookup(client, namespace, self.chunk_tokens, self.lookup_budget_s)
+        return ClusterLookup(client, self.lookup_budget_s)
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,7 @@ class RouterSettings:
     health: HealthSettings = field(default_factory=HealthSettings)
     cluster: ClusterSettings | None = None
     discovery: PodDiscovery | None = None
+    tenant_salt: str = field(default="", repr=False)  # of the listed engines' chunk keys
 
     def __post_init__(self) -> None:
         if bool(self.engines) == bool(self.discovery):
@@ -100,7 +98,10 @@ def parse_named(values: list[str], what: str) -> dict[str, str]:
 
 def build_app(settings: RouterSettings) -> FastAPI:
     pool = EnginePool(settings=settings.health)
-    pool.set_engines(Engine(name, url) for name, url in settings.engines.items())
+    pool.set_engines(
+        Engine(name, url, tenant_salt=settings.tenant_salt)
+        for name, url in settings.engines.items()
+    )
     tokenizer = Tokenizer(settings.tokenizer) if settings.tokenizer else None
     cluster = settings.cluster.lookup() if settings.cluster else None
     policy = PrefixPolicy(settings.policy, tokenizer, cluster, settings.events)
@@ -110,7 +111,10 @@ def build_app(settings: RouterSettings) -> FastAPI:
     if settings.discovery is not None:
 
         def engines_changed(engines: dict[str, DiscoveredEngine]) -> None:
-            pool.set_engines(Engine(engine.name, engine.url) for engine in engines.values())
+            pool.set_engines(
+                Engine(engine.name, engine.url, tenant_salt=engine.tenant_salt)
+                for engine in engines.values()
+            )
             policy.set_engines({engine.name: engine.events for engine in engines.values()})
 
         found = settings.discovery

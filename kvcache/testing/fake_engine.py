@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kvcache.core.keys import EngineKeySettings
 from kvcache.router.tokenize import prompt_token_ids
 from kvcache.testing.fake_kv_events import FakeKVEvents
 
@@ -46,6 +47,9 @@ class FakeEngineState:
     abandoned_streams: int = 0
     model_path: str = ""  # reported on /model_info (a local tokenizer directory)
     kv_events: FakeKVEvents | None = None  # publish vLLM KV events for token-id prompts
+    models: tuple[str, ...] = ("fake",)  # served names on /v1/models
+    adapters: tuple[str, ...] = ()  # LoRA adapters on /v1/models (their parent: models[0])
+    key_settings: EngineKeySettings | None = None  # published as a kvcache connector does
 
 
 def _chunk(state: FakeEngineState, index: int, chat: bool) -> bytes:
@@ -160,10 +164,19 @@ def create_app(state: FakeEngineState) -> Starlette:
             "# TYPE vllm:num_requests_waiting gauge",
             f'vllm:num_requests_waiting{{model_name="fake"}} {state.waiting}',
         ]
+        if state.key_settings is not None:
+            labels = {"model_name": "fake", "engine": "0", **state.key_settings.published()}
+            text = ",".join(f'{name}="{value}"' for name, value in labels.items())
+            lines += ["# TYPE kvcache:chunk_namespace_info gauge",
+                      f"kvcache:chunk_namespace_info{{{text}}} 1.0"]  # fmt: skip
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        cards = [{"id": name, "object": "model", "root": name, "parent": None}
+                 for name in state.models]  # fmt: skip
+        cards += [{"id": name, "object": "model", "root": f"/adapters/{name}",
+                   "parent": state.models[0]} for name in state.adapters]  # fmt: skip
+        return JSONResponse({"object": "list", "data": cards})
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")

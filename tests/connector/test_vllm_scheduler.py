@@ -70,8 +70,16 @@ def schedule(connector: KVCacheConnector, req: Request, computed: int):
     connector.update_state_after_alloc(req, None, matched)
     output = SchedulerOutput.make_empty()
     output.scheduled_new_reqs = [
-        NewRequestData(req.request_id, req.prompt_token_ids, [], None, None, (blocks,), computed,
-                       req.lora_request)  # fmt: skip
+        NewRequestData(
+            req.request_id,
+            req.prompt_token_ids,
+            [],
+            None,
+            None,
+            (blocks,),
+            computed,
+            req.lora_request,
+        )  # fmt: skip
     ]
     output.num_scheduled_tokens = {req.request_id: len(req.prompt_token_ids) - computed}
     return matched, connector.build_connector_meta(output)

@@ -82,7 +82,10 @@ def test_the_schemas_defaults_are_the_models_defaults(schema):
     assert without_empty(defaulted["spec"]) == without_empty(to_dict(KVCacheClusterSpec()))
     assert KVCacheClusterSpec.from_dict(defaulted["spec"]) == KVCacheClusterSpec()
     partial = with_defaults(schema, resource({"router": {"replicas": 2}, "etcd": {}}))
-    assert partial["spec"]["router"] == {"enabled": True, "replicas": 2, "blockSize": 16}
+    assert partial["spec"]["router"] == {
+        "enabled": True, "replicas": 2, "blockSize": 16, "historyTtlSeconds": 300,
+        "speculativeTtlSeconds": 5, "indexCapacityBlocks": 65536,
+    }  # fmt: skip
     assert partial["spec"]["etcd"] == to_dict(EtcdSpec())
 
 

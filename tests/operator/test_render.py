@@ -20,7 +20,9 @@ from kvcache.operator.render import (
     NODE_HEADROOM_BYTES,
     client_env,
     curve_client_env,
+    etcd_endpoint,
     render_cluster,
+    router_command,
 )
 from kvcache.operator.spec import KVCacheClusterSpec
 
@@ -55,7 +57,6 @@ SPECS = {
             "replicas": 3,
             "blockSize": 128,
             "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "model": "smollm2",
             "resources": {"requests": {"cpu": "1"}},
         },
     },
@@ -240,12 +241,17 @@ def test_with_a_curve_secret_the_router_reads_the_client_keys_from_it():
     assert env[1:] == CURVE_REFERENCES
     (plain,) = by_kind(render("defaults").owned, "Deployment")
     assert [entry["name"] for entry in container(plain)["env"]] == ["HF_HOME"]
-    # a router that never asks the nodes (no spec.router.model) is given no keys
-    no_lookups = copy.deepcopy(SPECS["everything"])
-    del no_lookups["router"]["model"]
-    spec = KVCacheClusterSpec.from_dict(no_lookups)
-    (router,) = by_kind(render_cluster(spec, REF, IMAGE).owned, "Deployment")
-    assert [entry["name"] for entry in container(router)["env"]] == ["HF_HOME"]
+
+
+def test_the_router_always_asks_the_nodes_and_never_guesses_the_engines_keys():
+    """The engines publish what their connectors key chunks by; the router is given only where
+    the cluster is (a router told a model and dtype asked for keys no engine stores under)."""
+    for name in ("defaults", "everything"):
+        spec = KVCacheClusterSpec.from_dict(SPECS[name])
+        command = router_command(spec, REF)
+        assert command[command.index("--cluster-etcd") + 1] == etcd_endpoint(spec, REF)
+        assert command[command.index("--cluster") + 1] == REF.etcd_cluster
+        assert not {"--model", "--kv-dtype", "--chunk-tokens"} & set(command)
 
 
 def test_the_client_references_name_the_secret_as_the_clients_read_it():

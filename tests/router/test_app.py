@@ -14,7 +14,7 @@ import pytest
 from http_servers import ServerThread, free_port, serving, wait_for
 
 from kvcache.router.app import create_app
-from kvcache.router.engines import Engine, EnginePool, HealthSettings, parse_load
+from kvcache.router.engines import Engine, EnginePool, HealthSettings, parse_metrics
 from kvcache.testing.fake_engine import FakeEngineState
 from kvcache.testing.fake_engine import create_app as fake_engine
 
@@ -175,7 +175,9 @@ def test_a_client_leaving_mid_stream_cancels_the_engines_work():
     ],
 )
 def test_engine_load_is_read_from_vllm_gauges(text, expected):
-    assert parse_load(text) == expected
+    found = parse_metrics(text)
+    assert (found.running, found.waiting) == expected
+    assert found.key_labels is None
 
 
 def test_the_fake_engine_stands_in_for_vllm_with_the_flags_a_join_adds():
@@ -201,3 +203,65 @@ def test_the_fake_engine_stands_in_for_vllm_with_the_flags_a_join_adds():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_requests_go_only_to_engines_that_serve_their_model_and_models_are_listed_from_all():
+    """Two pools behind one router: a request for model B never reaches model A's engine, a
+    LoRA adapter is served where it is loaded, an unknown model is an OpenAI 404, and
+    /v1/models lists every engine's models (not the first engine's)."""
+    alpha = FakeEngineState("alpha", models=("model-a",))
+    beta = FakeEngineState("beta", models=("model-b", "b-alias"), adapters=("b-sql",))
+    with serving(fake_engine(alpha), fake_engine(beta)) as (a, b):
+        pool = pool_of([a.url, b.url])
+        with serving(create_app(pool, InOrder())) as (router,):
+            wait_for(lambda: all(e.models for e in pool.engines.values()), 5, "model lists")
+            for model, expected in [("model-a", "alpha"), ("model-b", "beta"),
+                                    ("b-alias", "beta"), ("b-sql", "beta")]:  # fmt: skip
+                answer = httpx.post(f"{router.url}/v1/chat/completions",
+                                    json={**CHAT, "model": model})  # fmt: skip
+                assert answer.json()["system_fingerprint"] == expected, model
+            assert pool.engines["e1"].models == {"model-b": "", "b-alias": "", "b-sql": "b-sql"}
+            missing = httpx.post(f"{router.url}/v1/chat/completions", json={**CHAT, "model": "x"})
+            assert missing.status_code == 404
+            assert missing.json()["error"]["type"] == "NotFoundError"
+            listed = [card["id"] for card in httpx.get(f"{router.url}/v1/models").json()["data"]]
+            assert sorted(listed) == ["b-alias", "b-sql", "model-a", "model-b"]
+            assert len(alpha.requests) == 1 and len(beta.requests) == 3
+
+
+def test_errors_name_no_engine_and_a_final_error_is_not_counted_as_ok():
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    refusing = FakeEngineState("e1", fail_status=400)
+    with serving(fake_engine(refusing)) as (e1,):
+        pool = pool_of([e1.url], interval_s=60)
+        with serving(create_app(pool, InOrder())) as (router,):
+            assert httpx.post(f"{router.url}/v1/chat/completions", json=CHAT).status_code == 400
+            metrics = httpx.get(f"{router.url}/metrics").text
+            assert 'kvcache_router_requests_total{engine="e0",outcome="400"} 1.0' in metrics
+            assert 'outcome="ok"' not in metrics
+        pool = pool_of([dead_url], interval_s=60)
+        with serving(create_app(pool, InOrder())) as (router,):
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 502
+            assert answer.json()["error"]["type"] == "BadGatewayError"
+            assert "127.0.0.1" not in answer.text and "e0" not in answer.text
+
+
+def test_the_pool_learns_each_engines_key_settings_and_salts_them_as_the_operator_did():
+    from kvcache.core.keys import EngineKeySettings
+
+    published = EngineKeySettings(model="m", kv_dtype="bfloat16", tp_size=2, chunk_tokens=512)
+    state = FakeEngineState("e0", key_settings=published)
+    with serving(fake_engine(state)) as (engine,):
+        pool = EnginePool(settings=HealthSettings(interval_s=0.1, timeout_s=0.5))
+        pool.set_engines([Engine("ml/e0", engine.url, tenant_salt="ml-salt")])
+        with serving(create_app(pool, InOrder())):
+            wait_for(lambda: pool.engines["ml/e0"].keys is not None, 5, "key settings")
+            keys = pool.engines["ml/e0"].keys
+            assert keys.tenant_salt == "ml-salt" and keys.tp_size == 2
+            assert keys.namespace() == EngineKeySettings(
+                model="m", kv_dtype="bfloat16", tp_size=2, chunk_tokens=512,
+                tenant_salt="ml-salt",
+            ).namespace()  # fmt: skip
+            state.key_settings = None  # the engine came back without its connector
+            wait_for(lambda: pool.engines["ml/e0"].keys is None, 5, "the settings to go")
