@@ -64,6 +64,29 @@ def load(progress: bool = False) -> tuple[Any, torch.nn.Module]:
     return tokenizer, model.eval()
 
 
+def save_for_vllm(directory: Path) -> Path:
+    """The model as a plain Hugging Face directory (float32 safetensors, tokenizer, chat
+    template), which vLLM serves: vLLM reads no GGUF of this architecture. A model loaded from
+    GGUF keeps its quantization config and refuses `save_pretrained`, so its dequantized weights
+    go into a fresh model of the same config. Done once: a directory that holds it is kept."""
+    from transformers import LlamaForCausalLM
+
+    if (directory / "config.json").is_file():
+        return directory
+    tokenizer, model = load()
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(model.state_dict())
+    partial = directory.with_name(directory.name + ".partial")
+    with _quiet():
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    partial.rename(directory)  # a directory with a config is complete
+    return directory
+
+
 def kv_of(cache: DynamicCache) -> torch.Tensor:
     """A batch-1 cache as one tensor `[layers, 2, tokens, kv_heads, head_dim]`."""
     layers = []

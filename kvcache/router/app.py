@@ -34,6 +34,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from kvcache.router.engines import Engine, EnginePool, watching
 
@@ -67,17 +69,38 @@ class Policy(Protocol):
         """`engine` left the rotation: what was known of its cache may be gone."""
         ...
 
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """What the policy counts, by name (exported as `kvcache_router_<name>_total`) with
+        its help text."""
+        ...
+
 
 @dataclass(frozen=True)
 class ProxySettings:
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
     max_connections: int = 4096
+    max_body_bytes: int = 32 << 20  # a request body past this is refused (413), never buffered
+    # An engine that takes longer to start answering (headers, then the first body chunk),
+    # or stalls longer between chunks, is given up on: a hung engine must not hold requests
+    # (and the router's connections) for ever. The first covers a long queue and prefill.
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 120.0
+
+
+class _PolicyCounters(Collector):
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+
+    def collect(self) -> Any:
+        for name, (help_text, value) in self._policy.counters().items():
+            yield CounterMetricFamily(f"kvcache_router_{name}", help_text, value=value)
 
 
 class _Metrics:
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_PolicyCounters(policy))
         self.requests = Counter(
             "kvcache_router_requests", "requests by engine and outcome",
             ["engine", "outcome"], registry=self.registry,
@@ -143,7 +166,7 @@ def create_app(
 ) -> FastAPI:
     """`background`: more work to run while the app serves (engine discovery)."""
     settings = settings or ProxySettings()
-    metrics = _Metrics()
+    metrics = _Metrics(policy)
     state: dict[str, aiohttp.ClientSession] = {}
     pool.on_down = policy.engine_down
 
@@ -169,7 +192,11 @@ def create_app(
     app.state.pool, app.state.policy = pool, policy  # what the router knows, for inspection
 
     async def proxy(request: Request, path: str) -> Response:
-        body = await request.body()
+        body = await _body(request, settings.max_body_bytes)
+        if body is None:
+            return openai_error(
+                413, f"the request body is over {settings.max_body_bytes} bytes", "BadRequestError"
+            )
         try:
             payload = json.loads(body)
             if not isinstance(payload, dict):
@@ -195,7 +222,16 @@ def create_app(
             engine.in_flight += 1
             engine.awaiting_first_token += 1
             try:
-                upstream = await session.post(f"{engine.url}{path}", data=body, headers=headers)
+                upstream = await _post_while_client_waits(
+                    request,
+                    session.post(f"{engine.url}{path}", data=body, headers=headers),
+                    settings.first_byte_timeout_s,
+                )
+            except ClientLeft:
+                engine.in_flight -= 1
+                engine.awaiting_first_token -= 1
+                metrics.requests.labels(engine.name, "client_left").inc()
+                return Response(status_code=499)  # nobody reads it
             except (TimeoutError, aiohttp.ClientError) as error:
                 engine.in_flight -= 1
                 engine.awaiting_first_token -= 1
@@ -213,7 +249,12 @@ def create_app(
             policy.routed(decision, engine)
             metrics.requests.labels(engine.name, _outcome(upstream.status)).inc()
             return _RelayResponse(
-                _relay(upstream, engine, functools.partial(policy.first_byte, decision, engine)),
+                _relay(
+                    upstream,
+                    engine,
+                    functools.partial(policy.first_byte, decision, engine),
+                    settings,
+                ),
                 status_code=upstream.status,
                 headers=_forward_headers(upstream.headers),
             )
@@ -257,7 +298,9 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> Response:
         healthy = len(pool.healthy())
-        body = {"healthy_engines": healthy, "engines": len(pool.engines)}
+        keyed = sum(engine.keys is not None for engine in pool.engines.values())
+        # keyed: engines whose connector said how it keys chunks (the cluster is asked for them)
+        body = {"healthy_engines": healthy, "engines": len(pool.engines), "keyed_engines": keyed}
         return JSONResponse(body, 200 if healthy else 503)
 
     @app.get("/metrics")
@@ -267,14 +310,76 @@ def create_app(
     return app
 
 
+class ClientLeft(Exception):
+    """The client went away before the engine answered."""
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None past `limit` bytes (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _post_while_client_waits(
+    request: Request, posting: Awaitable[aiohttp.ClientResponse], timeout_s: float
+) -> aiohttp.ClientResponse:
+    """The engine's response head, unless the client leaves first: then the post is cancelled,
+    which drops the connection and makes vLLM abort the request (a non-streamed answer sends
+    nothing until it is complete, so the relay's watch would come too late). TimeoutError past
+    `timeout_s`."""
+
+    async def client_left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer = asyncio.ensure_future(posting)
+    leaving = asyncio.ensure_future(client_left())
+    try:
+        done, _ = await asyncio.wait(
+            {answer, leaving}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        leaving.cancel()
+    if answer in done:
+        return answer.result()
+    answer.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+        await answer
+    if leaving in done:
+        raise ClientLeft
+    raise TimeoutError(f"no answer within {timeout_s} s")
+
+
 async def _relay(
-    upstream: aiohttp.ClientResponse, engine: Engine, on_first_byte: Callable[[], None]
+    upstream: aiohttp.ClientResponse,
+    engine: Engine,
+    on_first_byte: Callable[[], None],
+    settings: ProxySettings,
 ) -> AsyncIterator[bytes]:
     """The engine's body as it arrives; if the client leaves, Starlette cancels this generator
-    and closing (not releasing) the response drops the connection, so the engine aborts."""
+    and closing (not releasing) the response drops the connection, so the engine aborts. An
+    engine that sends no first chunk within the first-byte timeout, or stalls past the idle
+    timeout, is dropped the same way (the client sees the answer end short)."""
     first, finished = True, False
     try:
-        async for chunk in upstream.content.iter_any():
+        while True:
+            timeout = settings.first_byte_timeout_s if first else settings.idle_timeout_s
+            try:
+                async with asyncio.timeout(timeout):  # a timer handle, not a task per chunk
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                log.warning("engine %s sent nothing for %.0f s; dropping it", engine.name, timeout)
+                return
+            if not chunk:
+                break
             if first:
                 engine.awaiting_first_token -= 1
                 first = False

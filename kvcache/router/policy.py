@@ -95,7 +95,8 @@ class ClusterLookup:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-lookup")
         self._client = self._executor.submit(client).result()
         self.budget_s = budget_s
-        self.hit_tokens = 0  # what the cluster held of the prompts asked, summed (a metric)
+        self.lookups = 0  # prompts asked about (answered within the budget)
+        self.hit_tokens = 0  # the longest prefix any namespace held of each, summed
 
     def _lookup(self, token_ids: list[int], lookups: list[ChunkLookup]) -> list[int]:
         found = []
@@ -120,6 +121,7 @@ class ClusterLookup:
         except Exception:  # noqa: BLE001 - a cluster that fails holds nothing
             log.warning("cluster lookup failed", exc_info=True)
             return [0] * len(lookups)
+        self.lookups += 1
         self.hit_tokens += max(found)
         return found
 
@@ -317,6 +319,18 @@ class PrefixPolicy:
         if engine.name in self._events:
             return self.settings.speculative_ttl_s
         return self.settings.history_ttl_s
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        if self._cluster is None:
+            return {}
+        return {
+            "cluster_lookups": ("prompts the cache cluster answered for", self._cluster.lookups),
+            "cluster_hit_tokens": (
+                "prompt tokens the cache cluster held (the longest prefix of any engine "
+                "namespace asked)",
+                self._cluster.hit_tokens,
+            ),
+        }
 
     def engine_down(self, engine: Engine) -> None:
         """An engine that left the rotation may come back restarted, with an empty cache. Its

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from kvcache.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 
 DEFAULT_CAPACITY_BLOCKS = 32_768
+_HEAP_SLACK = 1024  # stale expiry entries tolerated before a rebuild, whatever the capacity
 _GPU_MEDIA = frozenset({"GPU", None})
 
 
@@ -96,6 +97,23 @@ class PrefixIndex:
         for block_hash in block_hashes:
             if self._hold(state, block_hash, expiry):
                 heapq.heappush(self._expiries, (expiry, next(self._tie), state.bit, block_hash))
+        self._compact_expiries()
+
+    def _compact_expiries(self) -> None:
+        """Entries the LRUs evicted or events confirmed stay in the heap until their time comes:
+        with a long TTL (text routing keeps prefixes for minutes) it would grow with the insert
+        rate times the TTL. Past twice the entries the LRUs hold it is rebuilt from them, so it
+        stays within the engines' capacity (amortized: a rebuild follows as many pushes)."""
+        held = sum(len(state.lru) for state in self._engines.values())
+        if len(self._expiries) <= 2 * held + _HEAP_SLACK:
+            return
+        self._expiries = [
+            (expiry, next(self._tie), state.bit, block_hash)
+            for state in self._engines.values()
+            for block_hash, expiry in state.lru.items()
+            if expiry is not None
+        ]
+        heapq.heapify(self._expiries)
 
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """For each engine holding the request's first block, how many leading blocks of the

@@ -50,6 +50,9 @@ class FakeEngineState:
     models: tuple[str, ...] = ("fake",)  # served names on /v1/models
     adapters: tuple[str, ...] = ()  # LoRA adapters on /v1/models (their parent: models[0])
     key_settings: EngineKeySettings | None = None  # published as a kvcache connector does
+    answer_delay_s: float = 0.0  # a non-streamed answer's time to compute (a long prefill)
+    first_chunk_delay_s: float = 0.0  # a stream's wait before its first chunk
+    cancelled: int = 0  # non-streamed requests abandoned by their client, and so aborted
 
 
 def _chunk(state: FakeEngineState, index: int, chat: bool) -> bytes:
@@ -125,6 +128,18 @@ def tokenizer_routes(state: FakeEngineState) -> list[Route]:
     ]
 
 
+async def _client_left_within(request: Request, seconds: float) -> bool:
+    async def left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        await asyncio.wait_for(left(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 def create_app(state: FakeEngineState) -> Starlette:
     async def generate(request: Request) -> Response:
         payload = await request.json()
@@ -136,6 +151,9 @@ def create_app(state: FakeEngineState) -> Starlette:
         if state.kv_events is not None and token_ids is not None:
             await state.kv_events.serve_prompt(token_ids)
         if not payload.get("stream"):
+            if state.answer_delay_s and await _client_left_within(request, state.answer_delay_s):
+                state.cancelled += 1  # as vLLM's `with_cancellation` aborts the request
+                return Response(status_code=499)
             text = "".join(f" t{i}" for i in range(state.chunks))
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choice = {"index": 0, **choice, "finish_reason": "stop"}
@@ -145,6 +163,8 @@ def create_app(state: FakeEngineState) -> Starlette:
             state.running += 1
             finished = False
             try:
+                if state.first_chunk_delay_s:
+                    await asyncio.sleep(state.first_chunk_delay_s)
                 for index in range(state.chunks):
                     if state.chunk_delay_s:
                         await asyncio.sleep(state.chunk_delay_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -47,6 +48,9 @@ class InOrder:
 
     def engine_down(self, engine: Engine) -> None:
         self.down.append(engine.name)
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        return {"in_order_decisions": ("requests ranked", len(self.sent))}
 
 
 def pool_of(urls: list[str], interval_s: float = 0.1) -> EnginePool:
@@ -110,7 +114,9 @@ def test_unreachable_and_failing_engines_are_skipped_before_the_first_byte():
                 5, "the router's counts to settle",
             )  # fmt: skip
             assert policy.sent == ["e2"] and policy.down == ["e0"]
-            assert "kvcache_router_retries_total 2.0" in httpx.get(f"{router.url}/metrics").text
+            metrics = httpx.get(f"{router.url}/metrics").text
+            assert "kvcache_router_retries_total 2.0" in metrics
+            assert "kvcache_router_in_order_decisions_total 1.0" in metrics  # the policy's own
             # with every engine failing, the client gets the last engine's answer
             working.fail_status = 500
             answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
@@ -265,3 +271,63 @@ def test_the_pool_learns_each_engines_key_settings_and_salts_them_as_the_operato
             ).namespace()  # fmt: skip
             state.key_settings = None  # the engine came back without its connector
             wait_for(lambda: pool.engines["ml/e0"].keys is None, 5, "the settings to go")
+
+
+def test_a_client_leaving_a_non_streamed_request_cancels_the_engines_work():
+    """vLLM sends nothing of a non-streamed answer until it is complete: the router must notice
+    the client leaving while it waits, and drop the engine's connection so vLLM aborts."""
+    state = FakeEngineState("e0", answer_delay_s=5.0)
+    with serving(fake_engine(state)) as (engine,):
+        pool = pool_of([engine.url], interval_s=60)
+        with serving(create_app(pool, InOrder())) as (router,):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{router.url}/v1/chat/completions", json=CHAT, timeout=0.5)
+            wait_for(lambda: state.cancelled == 1, 3, "the engine to see the request abandoned")
+            wait_for(lambda: pool.engines["e0"].in_flight == 0, 3, "the router's count to settle")
+            assert pool.engines["e0"].healthy  # a client leaving is not the engine failing
+
+
+def test_an_engine_that_hangs_is_given_up_on_after_the_timeouts():
+    from kvcache.router.app import ProxySettings
+
+    settings = ProxySettings(first_byte_timeout_s=0.5, idle_timeout_s=0.5)
+    hung, working = FakeEngineState("e0", answer_delay_s=30.0), FakeEngineState("e1")
+    with serving(fake_engine(hung), fake_engine(working)) as (e0, e1):
+        pool = pool_of([e0.url, e1.url], interval_s=60)
+        with serving(create_app(pool, InOrder(), settings)) as (router,):
+            started = time.monotonic()
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT, timeout=10)
+            assert answer.json()["system_fingerprint"] == "e1"  # the next engine answered
+            assert time.monotonic() - started < 5 and not pool.engines["e0"].healthy
+    stalled = FakeEngineState("e0", first_chunk_delay_s=30.0)
+    with serving(fake_engine(stalled)) as (engine,):
+        pool = pool_of([engine.url], interval_s=60)
+        with serving(create_app(pool, InOrder(), settings)) as (router,):
+            started = time.monotonic()
+            answer = httpx.post(f"{router.url}/v1/chat/completions",
+                                json={**CHAT, "stream": True}, timeout=10)  # fmt: skip
+            assert answer.status_code == 200 and answer.content == b""  # ended, not held
+            assert time.monotonic() - started < 5
+            wait_for(lambda: stalled.abandoned_streams == 1, 3, "the engine's stream dropped")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read():
+    from kvcache.router.app import ProxySettings
+
+    state = FakeEngineState("e0")
+    with serving(fake_engine(state)) as (engine,):
+        pool = pool_of([engine.url], interval_s=60)
+        with serving(create_app(pool, InOrder(), ProxySettings(max_body_bytes=1000))) as (router,):
+            big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+            answer = httpx.post(f"{router.url}/v1/chat/completions", json=big)
+            assert answer.status_code == 413 and answer.json()["error"]["code"] == 413
+
+            def chunks():
+                yield b'{"messages": "'
+                for _ in range(10):
+                    yield b"y" * 200  # no Content-Length: counted as it arrives
+
+            answer = httpx.post(f"{router.url}/v1/chat/completions", content=chunks())
+            assert answer.status_code == 413
+            assert httpx.post(f"{router.url}/v1/chat/completions", json=CHAT).status_code == 200
+            assert len(state.requests) == 1
