@@ -145,7 +145,7 @@ class PodWatcher:
     async def _watch(
         self, session: aiohttp.ClientSession, url: str, namespace: str, version: str
     ) -> None:
-        params = {"labelSelector": self._selector, "watch": "1", "resourceVersion": version,
+        params = {"labelSelector": self._selector, "watch": "true", "resourceVersion": version,
                   "allowWatchBookmarks": "true"}  # fmt: skip
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         async with session.get(url, params=params, timeout=timeout) as response:
