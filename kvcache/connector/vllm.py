@@ -111,6 +111,22 @@ def key_settings(vllm_config: VllmConfig, settings: VllmSettings) -> EngineKeySe
     )
 
 
+def _platform_served() -> bool:
+    """Whether the adapter can read this platform's pages: only the CPU backend's so far (other
+    backends lay their pages out otherwise, and guessing would store wrong KV). Elsewhere it
+    stands aside with one log line, and the engine serves without the cache, never crashes."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return True
+    log.error(
+        "kvcache: vLLM's %s platform is not served yet (the connector reads the CPU backend's "
+        "pages only); this engine serves without the cache",
+        type(current_platform).__name__,
+    )
+    return False
+
+
 def _lora(request: Request) -> str:
     """The request's LoRA adapter, bound into its chunk keys ("" for the base model)."""
     return request.lora_request.lora_name if request.lora_request is not None else ""
@@ -183,6 +199,7 @@ class KVCacheConnector(KVConnectorBase_V1):
             log.info("kvcache: a chunk that fails to load is recomputed, never a failed request")
             transfer.kv_load_failure_policy = "recompute"
         worker = role == KVConnectorRole.WORKER
+        self._served = _platform_served()
         tp_rank, pp_rank = _worker_ranks() if worker else (0, 0)
         self._connector = Connector(
             # the scheduler side only looks up: it keeps no chunks and stores nothing
@@ -228,6 +245,8 @@ class KVCacheConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
+        if not self._served:
+            return 0, False  # standing aside: nothing is loaded or stored
         if request.mm_features:
             # its KV depends on images the token ids only stand for: not keyed yet, not cached
             return 0, False
@@ -308,11 +327,8 @@ class KVCacheConnector(KVConnectorBase_V1):
     # ---- worker side ----
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            # other backends lay out their pages differently; guessing would store wrong KV
-            raise NotImplementedError("kvcache's vLLM adapter reads the CPU backend's pages only")
+        if not self._served:
+            return
         names = sorted(kv_caches, key=extract_layer_index)
         self._paged = PagedKV([kv_caches[name] for name in names], self._block_size)
 

@@ -126,6 +126,7 @@ def _joined(deployment: dict[str, Any], settings: EngineSettings) -> dict[str, A
     metadata = deployment["metadata"]
     template = deployment["spec"]["template"]
     container = _vllm_container(deployment)
+    _refuse_unserved_platform(container)
     record = {
         "version": RECORD_VERSION,
         "cluster": str(settings.cluster),
@@ -168,6 +169,26 @@ def _vllm_container(deployment: Mapping[str, Any]) -> dict[str, Any]:
             f"name it with the {CONTAINER_ANNOTATION} annotation"
         )
     return chosen[0]
+
+
+# Words in the names of the extended resources accelerators are requested by (nvidia.com/gpu,
+# amd.com/gpu, gpu.intel.com/i915, google.com/tpu, habana.ai/gaudi, aws.amazon.com/neuron).
+_ACCELERATORS = ("gpu", "tpu", "gaudi", "neuron")
+
+
+def _refuse_unserved_platform(container: Mapping[str, Any]) -> None:
+    """The connector reads vLLM's CPU backend's pages only (GPU layouts are issue 22): an engine
+    that asks for an accelerator is not joined, rather than started with a connector that can
+    only stand aside."""
+    resources = container.get("resources") or {}
+    asked = {name for part in ("limits", "requests") for name in resources.get(part) or {}}
+    accelerators = sorted(name for name in asked if any(word in name for word in _ACCELERATORS))
+    if accelerators:
+        raise JoinError(
+            f"container {container['name']!r} asks for {', '.join(accelerators)}: the kvcache "
+            "connector serves vLLM's CPU backend only so far; it joins once GPU engines are "
+            "served"
+        )
 
 
 def _shell_script(container: Mapping[str, Any]) -> tuple[str, int] | None:

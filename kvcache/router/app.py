@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from kvcache.router.engines import Engine, EnginePool, watching
@@ -69,9 +69,8 @@ class Policy(Protocol):
         """`engine` left the rotation: what was known of its cache may be gone."""
         ...
 
-    def counters(self) -> dict[str, tuple[str, float]]:
-        """What the policy counts, by name (exported as `kvcache_router_<name>_total`) with
-        its help text."""
+    def metrics(self) -> Iterable[Metric]:
+        """What the policy counts and checks, for /metrics."""
         ...
 
 
@@ -92,9 +91,8 @@ class _PolicyCounters(Collector):
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
 
-    def collect(self) -> Any:
-        for name, (help_text, value) in self._policy.counters().items():
-            yield CounterMetricFamily(f"kvcache_router_{name}", help_text, value=value)
+    def collect(self) -> Iterable[Metric]:
+        return self._policy.metrics()
 
 
 class _Metrics:

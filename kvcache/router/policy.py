@@ -30,12 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.keys import Namespace, chunk_keys
 from kvcache.router.block_hash import BlockHasher
 from kvcache.router.engines import Engine
-from kvcache.router.kv_events import KVEventSubscriber
+from kvcache.router.hash_check import HashCheck
+from kvcache.router.kv_events import EventBatch, KVEventSubscriber
 from kvcache.router.prefix_index import PrefixIndex
 from kvcache.router.score import (
     EngineState,
@@ -189,6 +192,7 @@ class PrefixPolicy:
         self.settings = settings
         self.index = PrefixIndex(settings.index_capacity_blocks)
         self._hasher = BlockHasher(settings.block_size, settings.hash_seed)
+        self.hash_check = HashCheck(self._hasher)
         self._tokenizer = tokenizer
         self._cluster = cluster
         self._events = events or {}
@@ -215,6 +219,7 @@ class PrefixPolicy:
         engine's events are followed, a gone engine's are dropped from the index."""
         for name in set(self.index_engines) - set(events):
             self.index.remove(name)
+            self.hash_check.forget(name)
         for name in set(events) - set(self.index_engines):
             self.index.add_engine(name)
         self.index_engines = set(events)
@@ -228,9 +233,13 @@ class PrefixPolicy:
         for name, where in self._events.items():
             if name not in self._subscribers:
                 subscriber = KVEventSubscriber(
-                    name, where.endpoint, where.replay_endpoint, self.index.apply
+                    name, where.endpoint, where.replay_endpoint, self._events_arrived
                 )
                 self._subscribers[name] = asyncio.create_task(subscriber.run())
+
+    def _events_arrived(self, engine: str, batch: EventBatch) -> None:
+        self.hash_check.observe(engine, batch)
+        self.index.apply(engine, batch)
 
     def _prompt(self, path: str, payload: dict) -> Prompt:
         token_ids = prompt_token_ids(path, payload)  # vLLM takes them as is: no tokenizer needed
@@ -320,17 +329,30 @@ class PrefixPolicy:
             return self.settings.speculative_ttl_s
         return self.settings.history_ttl_s
 
-    def counters(self) -> dict[str, tuple[str, float]]:
-        if self._cluster is None:
-            return {}
-        return {
-            "cluster_lookups": ("prompts the cache cluster answered for", self._cluster.lookups),
-            "cluster_hit_tokens": (
-                "prompt tokens the cache cluster held (the longest prefix of any engine "
-                "namespace asked)",
-                self._cluster.hit_tokens,
-            ),
-        }
+    def metrics(self) -> list[Metric]:
+        checks = GaugeMetricFamily(
+            "kvcache_router_block_hash_check",
+            "whether the engine hashes blocks as the router does (its first stored blocks)",
+            labels=["engine", "result"],
+        )
+        for engine, verdict in sorted(self.hash_check.verdicts().items()):
+            checks.add_metric([engine, verdict], 1)
+        families: list[Metric] = [checks]
+        if self._cluster is not None:
+            families += [
+                CounterMetricFamily(
+                    "kvcache_router_cluster_lookups",
+                    "prompts the cache cluster answered for",
+                    value=self._cluster.lookups,
+                ),
+                CounterMetricFamily(
+                    "kvcache_router_cluster_hit_tokens",
+                    "prompt tokens the cache cluster held (the longest prefix of any engine "
+                    "namespace asked)",
+                    value=self._cluster.hit_tokens,
+                ),
+            ]
+        return families
 
     def engine_down(self, engine: Engine) -> None:
         """An engine that left the rotation may come back restarted, with an empty cache. Its

@@ -227,3 +227,29 @@ def test_the_pages_refuse_kv_of_other_heads_instead_of_broadcasting_it():
     with pytest.raises(ValueError, match="does not fit"):
         paged.scatter(one_head, [0], 0)
     assert not paged.gather([0], 0, 16).any()
+
+
+def test_on_a_platform_it_cannot_read_the_connector_stands_aside_instead_of_crashing(
+    tmp_path_factory, node, parallel_groups, monkeypatch, caplog
+):
+    """A GPU engine's pages are laid out otherwise: the connector loads and stores nothing,
+    says so once, and the engine starts and serves without the cache."""
+    from vllm.platforms import current_platform
+
+    config = engine_config(tmp_path_factory, f"n0={node.member.address}")
+    tokens = list(range(600))
+    put_chunks(node, chunk_keys(tokens, namespace_of(config), CHUNK))
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)  # as on a CUDA build
+    scheduler = KVCacheConnector(config, KVConnectorRole.SCHEDULER)
+    worker = KVCacheConnector(config, KVConnectorRole.WORKER)
+    try:
+        matched, meta = schedule(scheduler, request(tokens), computed=0)
+        assert matched == 0 and not meta.loads and not meta.stores
+        worker.register_kv_caches({"model.layers.0.self_attn.attn": torch.zeros(4, 2, BLOCK, 128)})
+        worker.bind_connector_metadata(meta)
+        worker.start_load_kv(None)
+        worker.wait_for_save()
+        assert "serves without the cache" in caplog.text
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()

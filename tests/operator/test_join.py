@@ -373,6 +373,26 @@ def test_a_container_without_command_or_args_is_refused():
         join_engine(bare, settings())
 
 
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"limits": {"nvidia.com/gpu": 1}},
+        {"requests": {"amd.com/gpu": "2"}},
+        {"limits": {"cpu": "8", "google.com/tpu": 4}},
+    ],  # fmt: skip
+)
+def test_an_engine_on_a_platform_the_connector_cannot_serve_is_not_joined(resources):
+    """A GPU engine would start with a connector that can only stand aside (GPU page layouts
+    are not read yet): the join is refused, with the reason, until that platform is served."""
+    gpu = deployment({"name": "vllm", "image": VLLM_IMAGE, "args": [MODEL],
+                      "resources": resources})  # fmt: skip
+    with pytest.raises(JoinError, match="serves vLLM's CPU backend only"):
+        join_engine(gpu, settings())
+    cpu = deployment({"name": "vllm", "image": VLLM_IMAGE, "args": [MODEL],
+                      "resources": {"limits": {"cpu": "8", "memory": "32Gi"}}})  # fmt: skip
+    assert join_engine(cpu, settings())
+
+
 def test_an_ambiguous_pod_must_name_its_vllm_container():
     ambiguous = deployment(
         {"name": "a", "image": VLLM_IMAGE, "args": [MODEL]},

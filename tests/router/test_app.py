@@ -49,8 +49,11 @@ class InOrder:
     def engine_down(self, engine: Engine) -> None:
         self.down.append(engine.name)
 
-    def counters(self) -> dict[str, tuple[str, float]]:
-        return {"in_order_decisions": ("requests ranked", len(self.sent))}
+    def metrics(self) -> list:
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily("kvcache_router_in_order_decisions", "requests ranked",
+                                    value=len(self.sent))]  # fmt: skip
 
 
 def pool_of(urls: list[str], interval_s: float = 0.1) -> EnginePool:

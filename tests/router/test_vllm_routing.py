@@ -317,3 +317,7 @@ def test_a_shared_prefix_goes_to_the_engine_whose_events_show_it(engines, front,
     front.wait_idle()
     engine, _, cached = post(front.url, second)
     assert engine == other and cached >= blocks * BLOCK
+    # both engines' first stored blocks hash as the router hashes them (its self-check)
+    metrics = httpx.get(f"{front.url}/metrics").text
+    for name in engines:
+        assert f'kvcache_router_block_hash_check{{engine="{name}",result="ok"}} 1.0' in metrics
