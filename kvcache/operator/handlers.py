@@ -56,7 +56,7 @@ from kvcache.operator.observed import (
     invalid_status,
     standing_problem,
 )
-from kvcache.operator.render import ClusterObjects, rbac_labels, render_cluster
+from kvcache.operator.render import ClusterObjects, nodes_image, rbac_labels, render_cluster
 from kvcache.operator.schema import SpecError, to_dict
 from kvcache.operator.spec import KVCacheClusterSpec
 from kvcache.operator.stats import read_usage
@@ -102,6 +102,7 @@ async def reconcile(
         patch.status.update(to_dict(status))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     objects = _render(body, ref, spec, memo)
+    patch.status["nodeImage"] = _nodes_image(body, spec, memo)
     try:
         async with _apply_lock(memo):
             applied = await apply_children(kube, objects)
@@ -221,9 +222,13 @@ def _now() -> str:
 def _render(
     body: kopf.Body, ref: ClusterRef, spec: KVCacheClusterSpec, memo: kopf.Memo
 ) -> ClusterObjects:
-    objects = render_cluster(spec, ref, memo.image)
+    objects = render_cluster(spec, ref, memo.image, body.status.get("nodeImage"))
     kopf.adopt(objects.owned, owner=body)
     return objects
+
+
+def _nodes_image(body: kopf.Body, spec: KVCacheClusterSpec, memo: kopf.Memo) -> str:
+    return nodes_image(spec, memo.image, body.status.get("nodeImage"))
 
 
 def _apply_lock(memo: kopf.Memo) -> asyncio.Lock:

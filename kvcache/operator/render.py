@@ -85,13 +85,18 @@ class ClusterObjects:
     elsewhere: tuple[Manifest, ...]
 
 
-def render_cluster(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> ClusterObjects:
-    """Every child of the cluster; `image` is the operator's own unless the spec names one."""
+def render_cluster(
+    spec: KVCacheClusterSpec, ref: ClusterRef, image: str, node_image: str | None = None
+) -> ClusterObjects:
+    """Every child of the cluster. `image` is the operator's own, for what the spec names none;
+    `node_image` the one the nodes already run (`status.nodeImage`), which they keep until the
+    spec names another: an operator upgrade must not restart every node, losing every memory
+    tier (a router restart loses only its index)."""
     image = spec.image or image
     owned = [
         client_config_map(spec, ref),
         node_service(ref),
-        node_statefulset(spec, ref, image),
+        node_statefulset(spec, ref, nodes_image(spec, image, node_image)),
         node_disruption_budget(ref),
     ]
     if spec.etcd.managed:
@@ -109,6 +114,11 @@ def render_cluster(spec: KVCacheClusterSpec, ref: ClusterRef, image: str) -> Clu
             elsewhere += [router_role(ref, namespace), router_role_binding(ref, namespace)]
     # Deep copies: the render functions share constant parts, and a caller may edit an object.
     return ClusterObjects(copy.deepcopy(tuple(owned)), copy.deepcopy(tuple(elsewhere)))
+
+
+def nodes_image(spec: KVCacheClusterSpec, image: str, node_image: str | None) -> str:
+    """The cache nodes' image: the spec's, else the one they run, else the operator's."""
+    return spec.image or node_image or image
 
 
 def engine_namespaces(spec: KVCacheClusterSpec, ref: ClusterRef) -> list[str]:

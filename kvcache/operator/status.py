@@ -50,3 +50,9 @@ class KVCacheClusterStatus:
     selector: str | None = spec_field(
         "Label selector of the cache node pods (the scale subresource's selector).", None
     )
+    node_image: str | None = spec_field(
+        "The image the cache nodes run: the operator's when the cluster was made, then "
+        "spec.image whenever that is set. Upgrading the operator leaves it, and the nodes with "
+        "their memory tiers, as they are; set spec.image to move the nodes.",
+        None,
+    )

@@ -405,6 +405,32 @@ async def test_the_timer_reports_usage_hit_rate_and_engines(api):
     assert (status(api)["used"], status(api)["hitRate"]) == ("3.5Gi", "70.0%")
 
 
+async def test_the_nodes_keep_their_image_until_the_spec_names_another(api):
+    """An operator upgrade changes the operator's image, not the nodes': restarting every node
+    would lose every memory tier. The nodes run status.nodeImage until spec.image moves them."""
+
+    def image(resource: str, name: str) -> str | None:
+        obj = stored(api, resource, name)
+        return obj and obj["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    await apply_cluster(api)
+    await until(lambda: image(STATEFULSETS, REF.nodes) == IMAGE, "the nodes on the operator's")
+    await until(lambda: status(api).get("nodeImage") == IMAGE, "the nodes' image recorded")
+    # as an older operator recorded it: this one (IMAGE) keeps the nodes there, routers move
+    cluster_status = url(CLUSTERS, NS, NAME) + "/status"
+    await send(api, "PATCH", cluster_status, {"status": {"nodeImage": "kvcache:old"}})
+    await until(lambda: image(STATEFULSETS, REF.nodes) == "kvcache:old", "the recorded image")
+    assert image(DEPLOYMENTS, REF.router) == IMAGE
+    await patch_cluster(api, image="kvcache:new")
+    await until(lambda: image(STATEFULSETS, REF.nodes) == "kvcache:new", "the spec's image")
+    await until(lambda: status(api).get("nodeImage") == "kvcache:new", "the new image recorded")
+    assert image(DEPLOYMENTS, REF.router) == "kvcache:new"
+    await patch_cluster(api, image=None)  # the spec names none again: the nodes stay
+    await until(lambda: image(DEPLOYMENTS, REF.router) == IMAGE, "the router on the operator's")
+    assert image(STATEFULSETS, REF.nodes) == "kvcache:new"
+    assert status(api)["nodeImage"] == "kvcache:new"
+
+
 async def test_an_invalid_spec_is_degraded_until_fixed(api):
     await apply_cluster(api, nodes=2, replication=3)  # the CRD's CEL rule would refuse it
     await until(lambda: status(api).get("phase") == "Degraded", "Degraded")
