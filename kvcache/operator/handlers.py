@@ -112,8 +112,9 @@ async def reconcile(
     _announce(body, applied)
     nodes = applied.live[STATEFULSETS.plural, ref.namespace, ref.nodes]
     seen = Observation.of_statefulset(
-        body.meta.get("generation"), nodes, rendered=True, problem=applied.problem
-    )
+        body.meta.get("generation"), nodes, rendered=True, problem=applied.problem,
+        **await _etcd(kube, ref, spec),
+    )  # fmt: skip
     patch.status.update(to_dict(cluster_status(spec, ref, seen, _conditions(body), _now())))
     for namespace, name in engine_requests.get((ref.namespace, ref.name), ()):
         engine = await kube.read(DEPLOYMENTS, namespace, name)
@@ -143,7 +144,9 @@ async def nodes_changed(
     if body.meta["name"] != ref.nodes:
         return
     generation, conditions = cluster["metadata"].get("generation"), _conditions(cluster)
-    seen = Observation.of_statefulset(generation, body, problem=standing_problem(conditions))
+    seen = Observation.of_statefulset(
+        generation, body, problem=standing_problem(conditions), **await _etcd(kube, ref, spec)
+    )
     status = to_dict(cluster_status(spec, ref, seen, conditions, _now()))
     if not covers(cluster.get("status") or {}, status):
         await kube.patch(CLUSTERS, namespace, ref.name, {"status": status}, subresource="status")
@@ -178,6 +181,7 @@ async def observe(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any)
         usage=await read_usage(ref, range(running), LOGGER),
         engines=len(await kube.list(DEPLOYMENTS, None, ref.engine_labels())),
         problem=problem,
+        **await _etcd(kube, ref, spec),
     )
     patch.status.update(to_dict(cluster_status(spec, ref, seen, _conditions(body), _now())))
 
@@ -209,6 +213,14 @@ def _parse(cluster: Mapping[str, Any]) -> tuple[ClusterRef, KVCacheClusterSpec]:
     except ValueError as error:
         raise SpecError([f"metadata.name: {error}"]) from error
     return ref, KVCacheClusterSpec.from_dict(cluster.get("spec"))
+
+
+async def _etcd(kube: Kube, ref: ClusterRef, spec: KVCacheClusterSpec) -> dict[str, Any]:
+    """The managed etcd's StatefulSet, for the observation: nodes that cannot register serve
+    no client, so the cluster is not Ready without it."""
+    if not spec.etcd.managed:
+        return {}
+    return {"etcd": await kube.read(STATEFULSETS, ref.namespace, ref.etcd), "etcd_managed": True}
 
 
 def _conditions(cluster: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -74,6 +74,8 @@ class Observation:
     usage: tuple[NodeUsage, ...] | None = None
     engines: int | None = None
     problem: Problem | None = None
+    template_pending: bool = False  # the StatefulSet controller has not seen its newest spec
+    etcd_ready: bool | None = None  # the managed etcd serves (None: not managed, or not read)
 
     @classmethod
     def of_statefulset(
@@ -85,12 +87,19 @@ class Observation:
         usage: tuple[NodeUsage, ...] | None = None,
         engines: int | None = None,
         problem: Problem | None = None,
+        etcd: Mapping[str, Any] | None = None,
+        etcd_managed: bool = False,
     ) -> Observation:
-        """From the nodes' StatefulSet as the API server reports it (None: not there yet). A
-        rollout runs while the controller's current revision is not yet its update revision."""
+        """From the nodes' StatefulSet as the API server reports it (None: not there yet), and
+        the managed etcd's. A rollout runs while the controller's current revision is not yet
+        its update revision, and before that, while it has not observed the newest generation
+        (its revisions and counts still describe the template before)."""
         status = (statefulset or {}).get("status") or {}
         revisions = status.get("currentRevision"), status.get("updateRevision")
         rolling = all(revisions) and revisions[0] != revisions[1]
+        wanted = ((statefulset or {}).get("metadata") or {}).get("generation")
+        pending = wanted is not None and int(status.get("observedGeneration") or 0) < wanted
+        etcd_status = (etcd or {}).get("status") or {}
         return cls(
             generation=generation,
             ready_nodes=int(status.get("readyReplicas") or 0),
@@ -100,6 +109,8 @@ class Observation:
             usage=usage,
             engines=engines,
             problem=problem,
+            template_pending=pending,
+            etcd_ready=int(etcd_status.get("readyReplicas") or 0) >= 1 if etcd_managed else None,
         )
 
 
@@ -117,10 +128,15 @@ def cluster_status(
         unready = ("NodesStarting", f"{ready} of {desired} cache nodes ready")
     elif seen.current_nodes > desired:
         unready = ("NodesStopping", f"{seen.current_nodes - desired} cache nodes to stop")
+    elif seen.etcd_ready is False:
+        unready = ("EtcdStarting", "the cluster's etcd is not ready: nodes cannot register")
     else:
         unready = None
     moving = unready
-    if moving is None and seen.updated_nodes is not None:
+    if moving is None and seen.template_pending:
+        # the nodes serve on; the new spec is not theirs yet (its counts describe the old one)
+        moving = ("NodesUpdating", "the StatefulSet controller has not yet taken the new spec")
+    elif moving is None and seen.updated_nodes is not None:
         moving = ("NodesUpdating", f"{seen.updated_nodes} of {desired} cache nodes updated")
     settled = ("AllNodesReady", f"{desired} cache nodes ready")
     problem = seen.problem

@@ -188,6 +188,13 @@ async def patch_cluster(api: KubernetesEmulator, **spec: Any) -> None:
     await send(api, "PATCH", url(CLUSTERS, NS, NAME), {"spec": spec})
 
 
+async def controller_status(api: KubernetesEmulator, name: str, **status: Any) -> None:
+    """What the StatefulSet controller reports of `name`, having seen its newest spec."""
+    generation = stored(api, STATEFULSETS, name)["metadata"].get("generation")
+    body = {"status": {**status, "observedGeneration": generation}}
+    await send(api, "PATCH", url(STATEFULSETS, NS, name) + "/status", body)
+
+
 def status(api: KubernetesEmulator) -> dict[str, Any]:
     return (stored(api, CLUSTERS, NAME) or {}).get("status") or {}
 
@@ -351,10 +358,8 @@ async def test_changing_nodes_scales_the_statefulset(api):
 async def test_status_follows_the_nodes_readiness(api):
     await apply_cluster(api, nodes=3)
     await until(lambda: stored(api, STATEFULSETS, REF.nodes), "the nodes' StatefulSet")
-    nodes_status = url(STATEFULSETS, NS, REF.nodes) + "/status"
-
     # What the StatefulSet controller reports as pods start.
-    await send(api, "PATCH", nodes_status, {"status": {"replicas": 3, "readyReplicas": 1}})
+    await controller_status(api, REF.nodes, replicas=3, readyReplicas=1)
     await until(lambda: status(api).get("ready") == "1/3", "1 of 3 ready")
     assert status(api)["phase"] == "Progressing"
     assert condition(api, "Progressing") | {"lastTransitionTime": None} == {
@@ -366,7 +371,11 @@ async def test_status_follows_the_nodes_readiness(api):
         "lastTransitionTime": None,
     }
 
-    await send(api, "PATCH", nodes_status, {"status": {"replicas": 3, "readyReplicas": 3}})
+    await controller_status(api, REF.nodes, replicas=3, readyReplicas=3)
+    # every node serves, but they cannot register before their etcd does
+    await until(lambda: condition(api, "Ready").get("reason") == "EtcdStarting", "etcd awaited")
+    assert status(api)["phase"] == "Progressing"
+    await controller_status(api, REF.etcd, replicas=1, readyReplicas=1)
     await until(lambda: status(api).get("phase") == "Ready", "Ready")
     assert status(api)["readyNodes"] == 3
     assert [(c["type"], c["status"]) for c in status(api)["conditions"]] == [

@@ -78,6 +78,34 @@ def test_a_rollout_is_progressing_while_every_node_stays_ready():
     assert cluster_status(SPEC, REF, Observation.of_statefulset(4, done), [], T0).phase == "Ready"
 
 
+def test_a_spec_change_the_statefulset_controller_has_not_taken_is_progressing_not_ready():
+    """Right after a change the StatefulSet's status still describes the template before
+    (ready, no rollout): the phase must not say Ready until the controller observed it."""
+    before = {
+        "metadata": {"generation": 5},
+        "status": {"observedGeneration": 4, "replicas": 3, "readyReplicas": 3},
+    }
+    status = cluster_status(SPEC, REF, Observation.of_statefulset(4, before), [], T0)
+    assert status.phase == "Progressing"
+    assert states(status)["Progressing"] == ("True", "NodesUpdating")
+    taken = {**before, "status": before["status"] | {"observedGeneration": 5}}
+    assert cluster_status(SPEC, REF, Observation.of_statefulset(4, taken), [], T0).phase == "Ready"
+
+
+def test_nodes_without_their_etcd_are_not_ready():
+    nodes = {"status": {"replicas": 3, "readyReplicas": 3}}
+    starting = {"status": {"replicas": 1, "readyReplicas": 0}}
+    for etcd, phase in ((starting, "Progressing"), (None, "Progressing"),
+                        ({"status": {"readyReplicas": 1}}, "Ready")):  # fmt: skip
+        seen = Observation.of_statefulset(4, nodes, etcd=etcd, etcd_managed=True)
+        status = cluster_status(SPEC, REF, seen, [], T0)
+        assert status.phase == phase
+        if phase != "Ready":
+            assert states(status)["Ready"] == ("False", "EtcdStarting")
+    external = Observation.of_statefulset(4, nodes)  # an etcd the operator does not run
+    assert cluster_status(SPEC, REF, external, [], T0).phase == "Ready"
+
+
 DISK_PROBLEM = Problem("DiskResizeRefused", "persistentvolumeclaim disk-demo-node-0 cannot grow")
 
 
