@@ -58,7 +58,7 @@ class Applied:
     (on a repair: what had drifted). `replaced`: what was done beyond patches, for the cluster's
     events. `problem`: why a child was left as it was, for its Degraded condition."""
 
-    live: dict[ChildKey, Manifest] = field(default_factory=dict)
+    live: dict[ChildKey, Manifest | None] = field(default_factory=dict)
     written: tuple[str, ...] = ()
     replaced: tuple[str, ...] = ()
     problem: Problem | None = None
@@ -66,7 +66,7 @@ class Applied:
 
 @dataclass(frozen=True)
 class _Outcome:
-    live: Manifest
+    live: Manifest | None  # None: a child that could not be created
     written: bool = False
     replaced: str | None = None
     problem: Problem | None = None
@@ -74,7 +74,7 @@ class _Outcome:
 
 async def apply_children(kube: Kube, objects: ClusterObjects) -> Applied:
     """Apply every child; Conflict when one changed or is still going meanwhile (apply again)."""
-    live: dict[ChildKey, Manifest] = {}
+    live: dict[ChildKey, Manifest | None] = {}
     written: list[str] = []
     replaced: list[str] = []
     problems: list[Problem] = []
@@ -95,6 +95,21 @@ async def _apply(kube: Kube, desired: Manifest) -> _Outcome:
     resource = resource_of(desired)
     namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
     live = await kube.read(resource, namespace, name)
+    try:
+        return await _bring(kube, resource, desired, live)
+    except Refused as error:
+        # a pass-through field the API server finds invalid, a namespace that is gone: the
+        # child stays as it was and the cluster says why, rather than retrying for ever
+        problem = Problem(
+            "ChildRefused", f"the API server refused {desired['kind']} {namespace}/{name}: {error}"
+        )
+        return _Outcome(live, problem=problem)
+
+
+async def _bring(
+    kube: Kube, resource: kopf.Resource, desired: Manifest, live: Manifest | None
+) -> _Outcome:
+    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
     if live is None:
         return _Outcome(await kube.create(desired), written=True)
     if live["metadata"].get("deletionTimestamp"):

@@ -55,7 +55,8 @@ class Conflict(Exception):
 
 
 class Refused(Exception):
-    """The API server refused a change (422 invalid, 403 forbidden); the message says why."""
+    """The API server refused a change (422 invalid, 403 forbidden, 404 on a create: no such
+    namespace); the message says why."""
 
 
 def resource_of(manifest: Mapping[str, Any]) -> kopf.Resource:
@@ -98,6 +99,10 @@ class Kube:
             raise Conflict(
                 f"{manifest['kind']} {metadata['name']} was created meanwhile"
             ) from error
+        except errors.APINotFoundError as error:  # its namespace does not exist
+            raise Refused(error.message or str(error)) from error
+        except (errors.APIUnprocessableEntityError, errors.APIForbiddenError) as error:
+            raise Refused(error.message or str(error)) from error
 
     async def patch(
         self,

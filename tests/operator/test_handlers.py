@@ -440,6 +440,29 @@ async def test_the_nodes_keep_their_image_until_the_spec_names_another(api):
     assert status(api)["nodeImage"] == "kvcache:new"
 
 
+async def test_a_child_the_api_server_refuses_is_degraded_with_its_reason(api):
+    """A pass-through field the API server finds invalid (here the router's resources) or a
+    namespace that is gone: the cluster says so in Degraded instead of retrying in silence, and
+    the other children are applied."""
+    refusal = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": "Invalid",
+        "code": 422,
+        "message": 'Deployment.apps "demo-router" is invalid: '
+        'spec.template.spec.containers[0].resources.requests: Invalid value: "-1"',
+    }
+    api["post /apis/apps/v1/namespaces/ml/deployments"] << 422 << refusal  # fmt: skip
+    await apply_cluster(api, router={"resources": {"requests": {"cpu": "-1"}}})
+    await until(lambda: condition(api, "Degraded").get("reason") == "ChildRefused", "refused")
+    degraded = condition(api, "Degraded")
+    assert "Deployment ml/demo-router" in degraded["message"]
+    assert "resources.requests" in degraded["message"]
+    assert status(api)["phase"] == "Degraded"
+    assert stored(api, STATEFULSETS, REF.nodes)  # the rest was applied
+
+
 async def test_an_invalid_spec_is_degraded_until_fixed(api):
     await apply_cluster(api, nodes=2, replication=3)  # the CRD's CEL rule would refuse it
     await until(lambda: status(api).get("phase") == "Degraded", "Degraded")
