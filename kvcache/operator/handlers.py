@@ -56,7 +56,13 @@ from kvcache.operator.observed import (
     invalid_status,
     standing_problem,
 )
-from kvcache.operator.render import ClusterObjects, nodes_image, rbac_labels, render_cluster
+from kvcache.operator.render import (
+    ClusterObjects,
+    ImagePulling,
+    nodes_image,
+    rbac_labels,
+    render_cluster,
+)
 from kvcache.operator.schema import SpecError, to_dict
 from kvcache.operator.spec import KVCacheClusterSpec
 from kvcache.operator.stats import read_usage
@@ -81,6 +87,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if not image:
         raise kopf.PermanentError("KVCACHE_IMAGE is not set: the image of nodes and routers")
     memo.image = image
+    memo.pulling = ImagePulling.from_env(os.environ)
     memo.kube = Kube(settings, LOGGER)
 
 
@@ -234,7 +241,7 @@ def _now() -> str:
 def _render(
     body: kopf.Body, ref: ClusterRef, spec: KVCacheClusterSpec, memo: kopf.Memo
 ) -> ClusterObjects:
-    objects = render_cluster(spec, ref, memo.image, body.status.get("nodeImage"))
+    objects = render_cluster(spec, ref, memo.image, body.status.get("nodeImage"), memo.pulling)
     kopf.adopt(objects.owned, owner=body)
     return objects
 

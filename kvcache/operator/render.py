@@ -85,8 +85,35 @@ class ClusterObjects:
     elsewhere: tuple[Manifest, ...]
 
 
+@dataclass(frozen=True)
+class ImagePulling:
+    """How the cluster's pods pull their images: the operator's chart settings (a private
+    registry's credentials reach every child, not only the operator's own pod)."""
+
+    policy: str | None = None  # imagePullPolicy; None: Kubernetes' default for the tag
+    secrets: tuple[str, ...] = ()  # imagePullSecrets, by name, in the cluster's namespace
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ImagePulling:
+        names = tuple(name for name in env.get("KVCACHE_IMAGE_PULL_SECRETS", "").split(",") if name)
+        return cls(env.get("KVCACHE_IMAGE_PULL_POLICY") or None, names)
+
+    def apply(self, workload: Manifest) -> None:
+        """Give a StatefulSet's or Deployment's pods these settings."""
+        pod = workload["spec"]["template"]["spec"]
+        if self.secrets:
+            pod["imagePullSecrets"] = [{"name": name} for name in self.secrets]
+        if self.policy:
+            for container in pod["containers"]:
+                container["imagePullPolicy"] = self.policy
+
+
 def render_cluster(
-    spec: KVCacheClusterSpec, ref: ClusterRef, image: str, node_image: str | None = None
+    spec: KVCacheClusterSpec,
+    ref: ClusterRef,
+    image: str,
+    node_image: str | None = None,
+    pulling: ImagePulling = ImagePulling(),
 ) -> ClusterObjects:
     """Every child of the cluster. `image` is the operator's own, for what the spec names none;
     `node_image` the one the nodes already run (`status.nodeImage`), which they keep until the
@@ -113,7 +140,11 @@ def render_cluster(
         for namespace in engine_namespaces(spec, ref)[1:]:
             elsewhere += [router_role(ref, namespace), router_role_binding(ref, namespace)]
     # Deep copies: the render functions share constant parts, and a caller may edit an object.
-    return ClusterObjects(copy.deepcopy(tuple(owned)), copy.deepcopy(tuple(elsewhere)))
+    owned = copy.deepcopy(owned)
+    for workload in owned:
+        if workload["kind"] in ("StatefulSet", "Deployment"):
+            pulling.apply(workload)
+    return ClusterObjects(tuple(owned), copy.deepcopy(tuple(elsewhere)))
 
 
 def nodes_image(spec: KVCacheClusterSpec, image: str, node_image: str | None) -> str:

@@ -128,6 +128,20 @@ def test_the_operator_runs_the_handlers_in_every_namespace_with_its_image(helm):
     assert command[command.index("-m") + 1] == "kvcache.operator.handlers"
     assert container["image"] == "kvcache:1.2.3"
     assert {"name": "KVCACHE_IMAGE", "value": "kvcache:1.2.3"} in container["env"]
+    env = {entry["name"]: entry["value"] for entry in container["env"]}
+    assert (env["KVCACHE_IMAGE_PULL_POLICY"], env["KVCACHE_IMAGE_PULL_SECRETS"]) == (
+        "IfNotPresent", "",
+    )  # fmt: skip
+    private = operator_deployment(template(
+        helm, "--set", "image.pullPolicy=Always", "--set", "imagePullSecrets[0].name=regcred",
+        "--set", "imagePullSecrets[1].name=mirror",
+    ))  # fmt: skip
+    (container,) = private["spec"]["template"]["spec"]["containers"]
+    env = {entry["name"]: entry["value"] for entry in container["env"]}
+    # what the operator hands its children (kvcache.operator.render.ImagePulling.from_env)
+    assert (env["KVCACHE_IMAGE_PULL_POLICY"], env["KVCACHE_IMAGE_PULL_SECRETS"]) == (
+        "Always", "regcred,mirror",
+    )  # fmt: skip
     assert (
         deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     )

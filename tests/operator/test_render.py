@@ -20,6 +20,7 @@ from kvcache.operator.render import (
     NODE_HEADROOM_BYTES,
     client_env,
     curve_client_env,
+    ImagePulling,
     etcd_endpoint,
     render_cluster,
     router_command,
@@ -371,3 +372,22 @@ def test_component_names_and_labels():
         "app.kubernetes.io/name=kvcache,app.kubernetes.io/instance=prod,"
         "app.kubernetes.io/component=cache-node"
     )
+
+
+def test_a_private_registrys_pull_settings_reach_every_pod_the_operator_makes():
+    """The chart's image.pullPolicy and imagePullSecrets reached only the operator's pod: nodes,
+    router and etcd could not pull from a private registry."""
+    pulling = ImagePulling.from_env(
+        {"KVCACHE_IMAGE_PULL_POLICY": "Always", "KVCACHE_IMAGE_PULL_SECRETS": "regcred,mirror"}
+    )
+    objects = render_cluster(KVCacheClusterSpec(), REF, IMAGE, pulling=pulling).owned
+    workloads = [obj for obj in objects if obj["kind"] in ("StatefulSet", "Deployment")]
+    assert {obj["metadata"]["name"] for obj in workloads} == {REF.nodes, REF.etcd, REF.router}
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+        assert {c["imagePullPolicy"] for c in pod["containers"]} == {"Always"}
+    plain = render_cluster(KVCacheClusterSpec(), REF, IMAGE, pulling=ImagePulling.from_env({}))
+    for workload in plain.owned:
+        if workload["kind"] in ("StatefulSet", "Deployment"):
+            assert "imagePullSecrets" not in workload["spec"]["template"]["spec"]
