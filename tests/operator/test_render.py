@@ -18,9 +18,9 @@ from kvcache.operator.names import CLUSTER_LABEL, NODE, ROUTER, ClusterRef
 from kvcache.operator.render import (
     DISK_MOUNT,
     NODE_HEADROOM_BYTES,
+    ImagePulling,
     client_env,
     curve_client_env,
-    ImagePulling,
     etcd_endpoint,
     render_cluster,
     router_command,
