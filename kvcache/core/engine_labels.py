@@ -8,6 +8,9 @@ CLUSTER_NAMESPACE_LABEL = "kvcache.io/cluster-namespace"
 ENGINE_PORT_ANNOTATION = "kvcache.io/engine-port"
 EVENTS_PORT_ANNOTATION = "kvcache.io/kv-events-port"
 REPLAY_PORT_ANNOTATION = "kvcache.io/kv-replay-port"
+# The data-parallel ranks the pod's engine runs ("0,1"): one routing target each, its events on
+# the events port plus the rank, reached with the `X-data-parallel-rank` header.
+DATA_PARALLEL_ANNOTATION = "kvcache.io/data-parallel-ranks"
 ENGINE_PORT = 8000  # vLLM's default, when the engine's arguments name none
 # The chunk-key salt of a joined engine's namespace (isolation Namespace), in its vLLM
 # container's env: its connector keys chunks with it, the router reads it off the pod.

@@ -27,12 +27,14 @@ from typing import Any
 from kvcache.operator import merge_patch
 from kvcache.operator.names import (
     CONTAINER_ANNOTATION,
+    DATA_PARALLEL_ANNOTATION,
     ENGINE_PORT,
     ENGINE_PORT_ANNOTATION,
     EVENTS_PORT,
     EVENTS_PORT_ANNOTATION,
     HASH_SEED,
     JOINED_ANNOTATION,
+    MAX_DATA_PARALLEL_RANKS,
     REPLAY_PORT,
     REPLAY_PORT_ANNOTATION,
     TENANT_SALT_ENV,
@@ -142,6 +144,7 @@ def _joined(deployment: dict[str, Any], settings: EngineSettings) -> dict[str, A
                 ENGINE_PORT_ANNOTATION: str(_engine_port(container)),
                 EVENTS_PORT_ANNOTATION: str(EVENTS_PORT),
                 REPLAY_PORT_ANNOTATION: str(REPLAY_PORT),
+                DATA_PARALLEL_ANNOTATION: ",".join(map(str, _data_parallel_ranks(container))),
             },
         ),
     }
@@ -224,20 +227,51 @@ def _add_flags(container: dict[str, Any], flags: list[str]) -> dict[str, Any]:
     return {"field": "args", "tokens": flags, "created": created}
 
 
+def _argv(container: Mapping[str, Any]) -> list[str]:
+    script = _shell_script(container)
+    if script is not None:
+        return shlex.split(container[script[0]][script[1]])
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def _flag(argv: list[str], *names: str) -> str | None:
+    """The value of the last of `names` given (`--name value` or `--name=value`)."""
+    found = None
+    for position, token in enumerate(argv):
+        name, equals, value = token.partition("=")
+        if name in names:
+            if equals:
+                found = value
+            elif position + 1 < len(argv):
+                found = argv[position + 1]
+    return found
+
+
 def _engine_port(container: Mapping[str, Any]) -> int:
     """The port vLLM serves on: its `--port` flag, else vLLM's default."""
-    script = _shell_script(container)
-    argv = (
-        shlex.split(container[script[0]][script[1]])
-        if script is not None
-        else [*container.get("command", []), *container.get("args", [])]
-    )
-    for position, token in enumerate(argv):
-        if token == "--port" and position + 1 < len(argv) and argv[position + 1].isdigit():
-            return int(argv[position + 1])
-        if token.startswith("--port=") and token[len("--port=") :].isdigit():
-            return int(token[len("--port=") :])
-    return ENGINE_PORT
+    port = _flag(_argv(container), "--port")
+    return int(port) if port is not None and port.isdigit() else ENGINE_PORT
+
+
+def _data_parallel_ranks(container: Mapping[str, Any]) -> list[int]:
+    """The data-parallel ranks this pod's engine runs: each has its own KV cache and publishes
+    its KV events on the events port plus its rank (vLLM's `offset_endpoint_port`), and takes
+    requests sent with `X-data-parallel-rank`."""
+    argv = _argv(container)
+
+    def number(*names: str) -> int | None:
+        value = _flag(argv, *names)
+        return int(value) if value is not None and value.isdigit() else None
+
+    size = number("--data-parallel-size", "-dp") or 1
+    local = number("--data-parallel-size-local", "-dpl") or size
+    start = number("--data-parallel-start-rank", "-dpr") or 0
+    if start + local > MAX_DATA_PARALLEL_RANKS:
+        raise JoinError(
+            f"data-parallel ranks up to {start + local - 1}: kvcache's KV-event ports take "
+            f"ranks below {MAX_DATA_PARALLEL_RANKS}"
+        )
+    return list(range(start, start + local))
 
 
 def _env_index(entries: list[dict[str, Any]], name: str) -> int | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from kvcache.core.engine_labels import (  # noqa: F401 - the operator's names
     CLUSTER_LABEL,
     CLUSTER_NAMESPACE_LABEL,
+    DATA_PARALLEL_ANNOTATION,
     ENGINE_PORT,
     ENGINE_PORT_ANNOTATION,
     EVENTS_PORT_ANNOTATION,
@@ -42,7 +43,10 @@ ROUTER_PORT = 8080
 ETCD_PORT = 2379
 ETCD_METRICS_PORT = 2381
 EVENTS_PORT = 5557
-REPLAY_PORT = 5558
+# Each data-parallel rank publishes on these ports plus its rank (vLLM's offset_endpoint_port):
+# the replay port sits a rank range above the events port, or rank 1's events would take it.
+MAX_DATA_PARALLEL_RANKS = 64
+REPLAY_PORT = EVENTS_PORT + MAX_DATA_PARALLEL_RANKS
 # The engines' PYTHONHASHSEED: with sha256_cbor, vLLM's block hashes then reproduce in the router.
 HASH_SEED = "0"
 

@@ -222,7 +222,9 @@ def create_app(
             try:
                 upstream = await _post_while_client_waits(
                     request,
-                    session.post(f"{engine.url}{path}", data=body, headers=headers),
+                    session.post(
+                        f"{engine.url}{path}", data=body, headers=headers | engine.headers
+                    ),
                     settings.first_byte_timeout_s,
                 )
             except ClientLeft:

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from kvcache.core.engine_labels import (
+    DATA_PARALLEL_ANNOTATION,
     ENGINE_PORT,
     ENGINE_PORT_ANNOTATION,
     EVENTS_PORT_ANNOTATION,
@@ -41,6 +42,7 @@ class DiscoveredEngine:
     url: str
     events: EngineEvents | None
     tenant_salt: str = field(default="", repr=False)  # the operator's, in the engine's env
+    dp_rank: int | None = None  # the data-parallel rank it is, in a pod that runs several
 
 
 @dataclass(frozen=True)
@@ -68,22 +70,46 @@ def _ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
-def engine_of(pod: dict[str, Any]) -> DiscoveredEngine | None:
-    """The engine a pod serves, or None while it is not ready (or has no IP yet)."""
+def engines_of(pod: dict[str, Any]) -> list[DiscoveredEngine]:
+    """The engines a pod serves (one per data-parallel rank: each has its own KV cache), or
+    none while it is not ready (or has no IP yet)."""
     metadata, ip = pod.get("metadata", {}), pod.get("status", {}).get("podIP")
     if not ip or metadata.get("deletionTimestamp") or not _ready(pod):
-        return None
+        return []
     annotations = metadata.get("annotations") or {}
     port = annotations.get(ENGINE_PORT_ANNOTATION, ENGINE_PORT)
-    events = None
-    if EVENTS_PORT_ANNOTATION in annotations:
-        replay = annotations.get(REPLAY_PORT_ANNOTATION)
-        events = EngineEvents(
-            f"tcp://{ip}:{annotations[EVENTS_PORT_ANNOTATION]}",
-            f"tcp://{ip}:{replay}" if replay else None,
-        )
     name = f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
-    return DiscoveredEngine(name, f"http://{ip}:{port}", events, _tenant_salt(pod))
+    ranks = _data_parallel_ranks(annotations)
+    engines = []
+    for rank in ranks:
+        events = None
+        if EVENTS_PORT_ANNOTATION in annotations:
+            replay = annotations.get(REPLAY_PORT_ANNOTATION)
+            events = EngineEvents(
+                f"tcp://{ip}:{int(annotations[EVENTS_PORT_ANNOTATION]) + rank}",
+                f"tcp://{ip}:{int(replay) + rank}" if replay else None,
+            )
+        engines.append(
+            DiscoveredEngine(
+                f"{name}/dp{rank}" if len(ranks) > 1 else name,
+                f"http://{ip}:{port}",
+                events,
+                _tenant_salt(pod),
+                rank if len(ranks) > 1 else None,
+            )
+        )
+    return engines
+
+
+def _data_parallel_ranks(annotations: dict[str, str]) -> list[int]:
+    """The ranks the join recorded (`kvcache.io/data-parallel-ranks`); rank 0 alone without."""
+    text = annotations.get(DATA_PARALLEL_ANNOTATION, "")
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        log.warning("ignoring a malformed %s annotation: %r", DATA_PARALLEL_ANNOTATION, text)
+        ranks = []
+    return ranks or [0]
 
 
 def _tenant_salt(pod: dict[str, Any]) -> str:
@@ -174,8 +200,7 @@ class PodWatcher:
         engines = {}
         for pods in self._pods.values():
             for pod in pods.values():
-                engine = engine_of(pod)
-                if engine is not None:
+                for engine in engines_of(pod):
                     engines[engine.name] = engine
         if engines != self._engines:
             self._engines = engines

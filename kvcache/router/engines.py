@@ -50,6 +50,12 @@ class Engine:
     models: dict[str, str] = field(default_factory=dict)  # served name -> LoRA adapter ("" base)
     model_cards: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries
     key_problem: str = ""  # why its published key settings were refused
+    dp_rank: int | None = None  # one data-parallel rank of a pod's engine (its own KV cache)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to it carries: vLLM sends a request with this header to that rank."""
+        return {} if self.dp_rank is None else {"X-data-parallel-rank": str(self.dp_rank)}
 
     def serves(self, model: object) -> bool:
         """Whether a request for `model` may go here (an engine whose list is not known yet,
@@ -75,18 +81,20 @@ class EngineMetrics:
     key_labels: dict[str, str] | None  # the connector's published key settings
 
 
-def parse_metrics(metrics_text: str) -> EngineMetrics:
+def parse_metrics(metrics_text: str, dp_rank: int | None = None) -> EngineMetrics:
     """Running and waiting summed over the engine's label sets (one per model, DP rank, ...),
-    and the labels of the connector's key settings.
+    or of one data-parallel rank's (vLLM labels them `engine="<rank>"`), and the labels of the
+    connector's key settings.
 
     Only those lines are parsed: vLLM's page holds ~40 KB of histograms, which Prometheus'
     Python parser takes ~7 ms to read, on the event loop every request waits on."""
     totals = {_RUNNING: 0.0, _WAITING: 0.0}
     key_labels = None
     lines = [line for line in metrics_text.splitlines() if line.startswith(_PARSED)]
+    rank = None if dp_rank is None else str(dp_rank)
     for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
-            if sample.name in totals:
+            if sample.name in totals and rank in (None, sample.labels.get("engine")):
                 totals[sample.name] += sample.value
             elif sample.name == _NAMESPACE_INFO and sample.value == 1:
                 key_labels = dict(sample.labels)
@@ -144,7 +152,7 @@ class EnginePool:
         try:
             async with session.get(f"{engine.url}/metrics", timeout=timeout) as response:
                 response.raise_for_status()
-                found = parse_metrics(await response.text())
+                found = parse_metrics(await response.text(), engine.dp_rank)
             engine.running, engine.waiting = found.running, found.waiting
             self._learn_keys(engine, found.key_labels)
             async with session.get(f"{engine.url}/v1/models", timeout=timeout) as response:

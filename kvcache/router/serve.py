@@ -112,7 +112,12 @@ def build_app(settings: RouterSettings) -> FastAPI:
 
         def engines_changed(engines: dict[str, DiscoveredEngine]) -> None:
             pool.set_engines(
-                Engine(engine.name, engine.url, tenant_salt=engine.tenant_salt)
+                Engine(
+                    engine.name,
+                    engine.url,
+                    tenant_salt=engine.tenant_salt,
+                    dp_rank=engine.dp_rank,
+                )  # fmt: skip
                 for engine in engines.values()
             )
             policy.set_engines({engine.name: engine.events for engine in engines.values()})

@@ -44,6 +44,7 @@ class FakeEngineState:
     running: int = 0
     waiting: int = 0  # reported as vllm:num_requests_waiting (a test saturates the engine so)
     requests: list[dict] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each generate request
     abandoned_streams: int = 0
     model_path: str = ""  # reported on /model_info (a local tokenizer directory)
     kv_events: FakeKVEvents | None = None  # publish vLLM KV events for token-id prompts
@@ -144,6 +145,7 @@ def create_app(state: FakeEngineState) -> Starlette:
     async def generate(request: Request) -> Response:
         payload = await request.json()
         state.requests.append(payload)
+        state.headers.append(dict(request.headers))
         if state.fail_status:
             return JSONResponse({"error": {"message": "failing on purpose"}}, state.fail_status)
         chat = request.url.path.endswith("chat/completions")

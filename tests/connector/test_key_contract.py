@@ -21,7 +21,7 @@ from kvcache.core.keys import chunk_keys
 from kvcache.operator.join import engine_settings, join_engine
 from kvcache.operator.names import CLUSTER_ANNOTATION, ClusterRef
 from kvcache.operator.spec import KVCacheClusterSpec
-from kvcache.router.discovery import engine_of
+from kvcache.router.discovery import engines_of
 from kvcache.router.engines import Engine, EnginePool, parse_metrics
 from kvcache.router.policy import engine_lookup
 
@@ -109,7 +109,7 @@ def both_sides(spec, namespace, model_dir, monkeypatch):
         stored = connector.connector.keys(TOKENS)
     finally:
         connector.shutdown()
-    discovered = engine_of(pod)
+    (discovered,) = engines_of(pod)
     engine = Engine(discovered.name, discovered.url, tenant_salt=discovered.tenant_salt)
     EnginePool._learn_keys(engine, parse_metrics(published_metrics(config)).key_labels)
     lookup = engine_lookup(engine, {"model": "smol", "prompt": TOKENS})

@@ -393,6 +393,24 @@ def test_an_engine_on_a_platform_the_connector_cannot_serve_is_not_joined(resour
     assert join_engine(cpu, settings())
 
 
+@pytest.mark.parametrize(
+    ("flags", "ranks"),
+    [([], "0"), (["--data-parallel-size", "2"], "0,1"), (["-dp=4"], "0,1,2,3"),
+     (["-dp", "4", "--data-parallel-size-local", "2", "--data-parallel-start-rank", "2"], "2,3")],
+)  # fmt: skip
+def test_the_pods_data_parallel_ranks_are_recorded_for_the_router(flags, ranks):
+    """Each rank has its own KV cache and KV-event ports (the events port plus its rank, below
+    the replay port): the router routes to each and follows each one's events."""
+    original = deployment({"name": "vllm", "image": VLLM_IMAGE, "args": [MODEL, *flags]})
+    pod = joined(original)["spec"]["template"]["metadata"]["annotations"]
+    assert pod["kvcache.io/data-parallel-ranks"] == ranks
+    events = int(pod["kvcache.io/kv-events-port"])
+    assert int(pod["kvcache.io/kv-replay-port"]) >= events + 64
+    too_many = deployment({"name": "vllm", "image": VLLM_IMAGE, "args": [MODEL, "-dp", "65"]})
+    with pytest.raises(JoinError, match="ranks below 64"):
+        join_engine(too_many, settings())
+
+
 def test_an_ambiguous_pod_must_name_its_vllm_container():
     ambiguous = deployment(
         {"name": "a", "image": VLLM_IMAGE, "args": [MODEL]},

@@ -334,3 +334,22 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read():
             assert answer.status_code == 413
             assert httpx.post(f"{router.url}/v1/chat/completions", json=CHAT).status_code == 200
             assert len(state.requests) == 1
+
+
+def test_each_data_parallel_rank_is_reached_with_its_header_and_loaded_by_its_gauges():
+    """vLLM sends a request with X-data-parallel-rank to that rank; its gauges carry the rank
+    as their `engine` label, so each rank's load is its own."""
+    text = (
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
+        'vllm:num_requests_waiting{engine="1",model_name="m"} 2.0\n'
+    )
+    assert (parse_metrics(text).running, parse_metrics(text).waiting) == (4.0, 2.0)
+    assert (parse_metrics(text, 1).running, parse_metrics(text, 1).waiting) == (1.0, 2.0)
+    state = FakeEngineState("e0")
+    with serving(fake_engine(state)) as (engine,):
+        pool = EnginePool(settings=HealthSettings(interval_s=60))
+        pool.set_engines([Engine("ml/p/dp1", engine.url, dp_rank=1)])
+        with serving(create_app(pool, InOrder())) as (router,):
+            assert httpx.post(f"{router.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert state.headers[-1]["x-data-parallel-rank"] == "1"

@@ -13,7 +13,7 @@ import pytest
 from kube_emulator import KubernetesEmulator
 
 from kvcache.core import engine_labels as names
-from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher
+from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher, engines_of
 from kvcache.router.policy import EngineEvents
 
 SELECTOR = "kvcache.io/cluster=demo,kvcache.io/cluster-namespace=ml"
@@ -92,3 +92,16 @@ async def test_engines_follow_the_ready_labelled_pods(kmock: KubernetesEmulator)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_a_pod_running_data_parallel_ranks_is_one_engine_per_rank():
+    two = pod("vllm-dp", "10.0.0.9")
+    two["metadata"]["annotations"][names.DATA_PARALLEL_ANNOTATION] = "0,1"
+    assert engines_of(two) == [
+        DiscoveredEngine("ml/vllm-dp/dp0", "http://10.0.0.9:8000",
+                         EngineEvents("tcp://10.0.0.9:5557", "tcp://10.0.0.9:5558"), "", 0),
+        DiscoveredEngine("ml/vllm-dp/dp1", "http://10.0.0.9:8000",
+                         EngineEvents("tcp://10.0.0.9:5558", "tcp://10.0.0.9:5559"), "", 1),
+    ]  # fmt: skip
+    (single,) = engines_of(pod("vllm-a", "10.0.0.1"))
+    assert (single.name, single.dp_rank) == ("ml/vllm-a", None)
