@@ -4,10 +4,12 @@ local cluster and its demo, `keys` makes a CurveZMQ key pair."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kvcache.core.config import EtcdConfig, NodeConfig, parse_bytes
 from kvcache.core.ring import Member
@@ -92,9 +94,19 @@ def _pod_namespace() -> str:
     return path.read_text().strip()
 
 
+def _given(
+    args: argparse.Namespace, prefix: str, fields: tuple[dataclasses.Field, ...]
+) -> dict[str, Any]:
+    """The settings among `fields` that flags named `prefix + field` gave (the rest default)."""
+    given = {spec.name: getattr(args, prefix + spec.name, None) for spec in fields}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _router(args: argparse.Namespace) -> None:
     from kvcache.core.secrets import curve_client_keys
+    from kvcache.router.app import ProxySettings
     from kvcache.router.policy import EngineEvents, PolicySettings
+    from kvcache.router.score import ScoreSettings
     from kvcache.router.serve import (
         ClusterSettings,
         PodDiscovery,
@@ -135,6 +147,7 @@ def _router(args: argparse.Namespace) -> None:
             policy=PolicySettings(
                 block_size=args.block_size,
                 hash_seed=args.hash_seed,
+                score=ScoreSettings(**_given(args, "score_", dataclasses.fields(ScoreSettings))),
                 **{
                     name: value
                     for name in ("speculative_ttl_s", "history_ttl_s", "index_capacity_blocks")
@@ -143,6 +156,7 @@ def _router(args: argparse.Namespace) -> None:
             ),
             cluster=cluster,
             tenant_salt=args.tenant_salt,
+            proxy=ProxySettings(**_given(args, "", dataclasses.fields(ProxySettings))),
         )
     except ValueError as error:
         sys.exit(f"kvcache router: {error}")
@@ -248,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--index-capacity-blocks", type=int, help="prefix index entries per engine (65536)",
     )  # fmt: skip
+    from kvcache.router.score import ScoreSettings  # pure: no sockets, no third-party imports
+
+    for spec in dataclasses.fields(ScoreSettings):
+        router.add_argument(
+            f"--score-{spec.name.replace('_', '-')}", dest=f"score_{spec.name}",
+            type=float if spec.type == "float" else int,
+            help=f"the routing score's {spec.name} ({spec.default}; kvcache.router.score)",
+        )  # fmt: skip
+    router.add_argument(
+        "--first-byte-timeout-s",
+        type=float,
+        help="give an engine up past this wait for its first byte (600)",
+    )
+    router.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        help="drop an engine that sends nothing this long mid-answer (120)",
+    )
+    router.add_argument("--max-body-bytes", type=parse_bytes,
+                        help="refuse request bodies over this size (32Mi)")  # fmt: skip
     router.add_argument(
         "--cluster-lookup-budget-ms", type=float, default=20.0,
         help="the longest a request waits for the cluster's answer before it is routed without",

@@ -457,6 +457,11 @@ def router_command(spec: KVCacheClusterSpec, ref: ClusterRef) -> list[str]:
         "--history-ttl-s", str(spec.router.history_ttl_seconds),
         "--speculative-ttl-s", str(spec.router.speculative_ttl_seconds),
         "--index-capacity-blocks", str(spec.router.index_capacity_blocks),
+        "--score-min-match-tokens", str(spec.router.min_match_tokens),
+        "--score-prefill-s-per-token", repr(spec.router.prefill_seconds_per_token),
+        "--score-load-s-per-token", repr(spec.router.load_seconds_per_token),
+        "--first-byte-timeout-s", str(spec.router.first_byte_timeout_seconds),
+        "--idle-timeout-s", str(spec.router.idle_timeout_seconds),
     ]  # fmt: skip
     for namespace in engine_namespaces(spec, ref):
         command += ["--engine-namespace", namespace]

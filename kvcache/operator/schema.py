@@ -130,6 +130,8 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         return {"type": "boolean"}
     if tp is int:
         return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
     if tp is str:
         return {"type": "string"}
     if dataclasses.is_dataclass(tp):
@@ -240,6 +242,12 @@ def _parse_scalar(tp: Any, meta: Mapping[str, Any], value: Any, path: str, probl
     # bool is an int in Python; a spec's `nodes: true` must not read as 1.
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         problems.append(f"{path}: must be an integer, got {_kind(value)}")
+    elif tp is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        problems.append(f"{path}: must be a number, got {_kind(value)}")
+    elif tp is float:
+        value = float(value)  # JSON writes 1e-3 or 2: either is a number
+        if meta[_MINIMUM] is not None and value < meta[_MINIMUM]:
+            problems.append(f"{path}: must be at least {meta[_MINIMUM]}, got {value}")
     elif tp is not int and not isinstance(value, tp):
         problems.append(f"{path}: must be a {_kind_of(tp)}, got {_kind(value)}")
     elif meta[_MINIMUM] is not None and value < meta[_MINIMUM]:
@@ -258,7 +266,9 @@ _NO_CONSTRAINTS = {
 
 
 def _kind_of(tp: Any) -> str:
-    return {bool: "boolean", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {bool: "boolean", str: "string", float: "number"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _kind(value: Any) -> str:

@@ -86,6 +86,34 @@ class RouterSpec:
         65536,
         minimum=1,
     )
+    min_match_tokens: int = spec_field(
+        "A prefix an engine holds counts only from this many tokens: a short prefix every "
+        "request shares (a system prompt) is no reason to prefer an engine.",
+        768,
+        minimum=0,
+    )
+    prefill_seconds_per_token: float = spec_field(
+        "The engines' time to prefill one token (measure it per model and GPU): weighs a "
+        "prefix an engine holds against its load.",
+        4e-4,
+        minimum=0,
+    )
+    load_seconds_per_token: float = spec_field(
+        "The engines' time to load one token's KV from the cache nodes (benchmarks/ttft.py).",
+        4e-5,
+        minimum=0,
+    )
+    first_byte_timeout_seconds: int = spec_field(
+        "How long the router waits for an engine's first byte (a queue and a long prefill "
+        "included) before it gives the engine up.",
+        600,
+        minimum=1,
+    )
+    idle_timeout_seconds: int = spec_field(
+        "How long the router waits between two chunks of an answer before it drops the engine.",
+        120,
+        minimum=1,
+    )
     resources: dict[str, Any] = spec_field(
         "Kubernetes resource requirements of each router pod.", default_factory=dict
     )

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from kvcache.client.cluster import ClusterClient
 from kvcache.core.config import ClientConfig, CurveClientKeys, EtcdConfig
 from kvcache.core.ring import Member
-from kvcache.router.app import create_app
+from kvcache.router.app import ProxySettings, create_app
 from kvcache.router.discovery import DiscoveredEngine, KubernetesAPI, PodWatcher
 from kvcache.router.engines import Engine, EnginePool, HealthSettings
 from kvcache.router.policy import ClusterLookup, EngineEvents, PolicySettings, PrefixPolicy
@@ -74,6 +74,7 @@ class RouterSettings:
     cluster: ClusterSettings | None = None
     discovery: PodDiscovery | None = None
     tenant_salt: str = field(default="", repr=False)  # of the listed engines' chunk keys
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     def __post_init__(self) -> None:
         if bool(self.engines) == bool(self.discovery):
@@ -130,7 +131,7 @@ def build_app(settings: RouterSettings) -> FastAPI:
             engines_changed,
         )
         background.append(watcher.run)
-    return create_app(pool, policy, background=background)
+    return create_app(pool, policy, settings.proxy, background=background)
 
 
 def serve(settings: RouterSettings, host: str, port: int, log_level: str = "info") -> None:

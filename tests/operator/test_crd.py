@@ -84,7 +84,9 @@ def test_the_schemas_defaults_are_the_models_defaults(schema):
     partial = with_defaults(schema, resource({"router": {"replicas": 2}, "etcd": {}}))
     assert partial["spec"]["router"] == {
         "enabled": True, "replicas": 2, "blockSize": 16, "historyTtlSeconds": 300,
-        "speculativeTtlSeconds": 5, "indexCapacityBlocks": 65536,
+        "speculativeTtlSeconds": 5, "indexCapacityBlocks": 65536, "minMatchTokens": 768,
+        "prefillSecondsPerToken": 4e-4, "loadSecondsPerToken": 4e-5,
+        "firstByteTimeoutSeconds": 600, "idleTimeoutSeconds": 120,
     }  # fmt: skip
     assert partial["spec"]["etcd"] == to_dict(EtcdSpec())
 

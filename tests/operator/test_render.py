@@ -5,6 +5,7 @@ accepts."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import kopf
 import pytest
@@ -326,6 +327,42 @@ def test_the_router_command_is_one_the_cli_accepts():
     assert flags.block_size == 128 and flags.hash_seed == "0"
     assert flags.engine_selector and flags.engine_namespace == ["llm", "team-a", "team-b"]
     assert flags.engine == []  # every engine comes from discovery
+
+
+def test_the_routing_settings_reach_the_router_and_default_to_the_routers_own():
+    """The CRD's routing fields become the router's settings through its real flag parsing; the
+    CRD's defaults are the router's (the operator cannot import the router's modules)."""
+    from kvcache.cli import _given
+    from kvcache.router.app import ProxySettings
+    from kvcache.router.policy import PolicySettings
+    from kvcache.router.score import ScoreSettings
+
+    def settings(spec):
+        command = router_command(KVCacheClusterSpec.from_dict(spec), REF)
+        flags = build_parser().parse_args(command[1:])
+        score = ScoreSettings(**_given(flags, "score_", dataclasses.fields(ScoreSettings)))
+        proxy = ProxySettings(**_given(flags, "", dataclasses.fields(ProxySettings)))
+        return flags, score, proxy
+
+    flags, score, proxy = settings({})
+    assert score == ScoreSettings() and proxy == ProxySettings()
+    policy = PolicySettings()
+    assert (flags.history_ttl_s, flags.speculative_ttl_s, flags.index_capacity_blocks) == (
+        policy.history_ttl_s, policy.speculative_ttl_s, policy.index_capacity_blocks,
+    )  # fmt: skip
+    tuned = {
+        "minMatchTokens": 256,
+        "prefillSecondsPerToken": 0.002,
+        "loadSecondsPerToken": 1e-5,
+        "firstByteTimeoutSeconds": 30,
+        "idleTimeoutSeconds": 5,
+        "historyTtlSeconds": 60,
+    }
+    flags, score, proxy = settings({"router": tuned})
+    assert (score.min_match_tokens, score.prefill_s_per_token, score.load_s_per_token) == (
+        256, 0.002, 1e-5,
+    )  # fmt: skip
+    assert (proxy.first_byte_timeout_s, proxy.idle_timeout_s, flags.history_ttl_s) == (30, 5, 60)
 
 
 def test_the_routers_probes_restart_it_only_when_it_stops_serving():

@@ -85,6 +85,14 @@ def test_serializing_and_parsing_again_gives_the_same_spec():
             "spec.allowedNamespaces[0]: 'Team_A' is not a namespace",
         ),
         ({"router": {"replicas": 0}}, "spec.router.replicas: must be at least 1, got 0"),
+        (
+            {"router": {"prefillSecondsPerToken": "fast"}},
+            "spec.router.prefillSecondsPerToken: must be a number, got str 'fast'",
+        ),
+        (
+            {"router": {"loadSecondsPerToken": -1}},
+            "spec.router.loadSecondsPerToken: must be at least 0, got -1.0",
+        ),
         ({"router": []}, "spec.router: must be an object, got list []"),
         ({"nodeSelector": {"zone": 1}}, "spec.nodeSelector: every value must be a string"),
         (
