@@ -139,12 +139,15 @@ class Connector:
         max_tokens: int | None = None,
         salt: str | None = None,
         lora: str = "",
+        local_prefix: Callable[[list[bytes]], int] | None = None,
     ) -> PrefixHit:
-        """The longest cached prefix of `token_ids` (at most `max_tokens` tokens), in chunks."""
+        """The longest cached prefix of `token_ids` (at most `max_tokens` tokens), in chunks.
+        `local_prefix` counts the leading keys a local tier held elsewhere has (vLLM's
+        scheduler asks its mirror of the worker's); by default this connector's own."""
         started = time.perf_counter()
         usable = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
         keys = self.keys(token_ids[:usable], salt, lora)
-        local = self.local.prefix_length(keys)
+        local = (local_prefix or self.local.prefix_length)(keys)
         remote = 0
         client = self._clients.get("engine")
         if client is not None and local < len(keys):

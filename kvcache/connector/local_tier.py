@@ -6,6 +6,10 @@ bounds it; a blob larger than the whole budget is not kept. A prompt's chunks ar
 the deeper they sit (every reuse needs the first ones), so `put_chain` and `touch_chain` make a
 chain's first chunk its most recent: eviction takes the deep end of a chain first. The store
 worker writes while the engine reads, hence the lock.
+
+`drain_changes` says which keys came and went since it was last called: vLLM's scheduler runs
+apart from the worker that holds the tier, and keeps a mirror of its keys from these
+(`connector.vllm`), so its lookups count what this tier would serve.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class LocalTier:
         self._blobs: OrderedDict[bytes, bytes] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
+        self._changes: dict[bytes, bool] = {}  # key -> held, since the last drain
 
     @property
     def used_bytes(self) -> int:
@@ -47,10 +52,12 @@ class LocalTier:
             if old is not None:
                 self._used -= len(old)
             while self._used + len(blob) > self.budget_bytes:
-                _, evicted = self._blobs.popitem(last=False)
+                gone, evicted = self._blobs.popitem(last=False)
                 self._used -= len(evicted)
+                self._changes[gone] = False
             self._blobs[key] = blob
             self._used += len(blob)
+            self._changes[key] = True
             return True
 
     def put_chain(self, keys: Sequence[bytes], blobs: Sequence[bytes]) -> None:
@@ -69,3 +76,9 @@ class LocalTier:
         """How many leading keys are held here."""
         with self._lock:
             return next((i for i, key in enumerate(keys) if key not in self._blobs), len(keys))
+
+    def drain_changes(self) -> dict[bytes, bool]:
+        """Keys put (True) or evicted (False) since the last call, the latest state of each."""
+        with self._lock:
+            changes, self._changes = self._changes, {}
+            return changes

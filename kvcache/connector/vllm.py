@@ -7,8 +7,9 @@
 and configured by `kv_connector_extra_config` or `KVCACHE_*` variables (`vllm_settings.py`).
 
 vLLM makes two instances. The scheduler's decides: for a new request, one batched lookup of the
-prompt's chunk keys says how many tokens past vLLM's own prefix-cache hit the cluster holds
-(whole chunks, always leaving the prompt's last token to compute). Each step's metadata then names,
+prompt's chunk keys says how many tokens past vLLM's own prefix-cache hit the worker's local tier
+and then the cluster hold (whole chunks, always leaving the prompt's last token to compute; the
+scheduler knows the local tier's keys from the changes the worker reports each step). Each step's metadata then names,
 per request, the tokens to load into which blocks and, once its prefill is complete, the new full
 chunks to store. The worker's moves the bytes: before the forward it loads each request's chunks
 (local tier, then cluster), decodes them and writes them into the paged cache; after the forward it
@@ -32,6 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 from vllm.model_executor.models.utils import extract_layer_index
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,21 @@ class ChunkTransfer:
 class KVCacheMetadata(KVConnectorMetadata):
     loads: list[ChunkTransfer] = field(default_factory=list)
     stores: list[ChunkTransfer] = field(default_factory=list)
+
+
+@dataclass
+class LocalTierChanges(KVConnectorWorkerMetadata):
+    """What came into and left the worker's local tier in one step (key -> held), sent to the
+    scheduler side, which keeps a mirror of the tier's keys for its lookups. Only the first
+    rank's: the scheduler looks up rank 0's keys, and a chunk another rank lost is a failed
+    load, recomputed."""
+
+    changes: dict[bytes, bool]
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, LocalTierChanges):
+            return LocalTierChanges({**self.changes, **other.changes})
+        return self
 
 
 @dataclass
@@ -216,6 +234,8 @@ class KVCacheConnector(KVConnectorBase_V1):
         # scheduler side
         self._hits: dict[str, int] = {}
         self._admitted: dict[str, _Admitted] = {}
+        self._local_keys: set[bytes] = set()  # what the first worker's local tier holds
+        self._reports_local_tier = worker and (tp_rank, pp_rank) == (0, 0)
         # worker side
         self._paged: PagedKV | None = None
         self._failed_blocks: set[int] = set()
@@ -251,7 +271,9 @@ class KVCacheConnector(KVConnectorBase_V1):
             # its KV depends on images the token ids only stand for: not keyed yet, not cached
             return 0, False
         prompt = request.prompt_token_ids or []
-        hit = self._connector.lookup(prompt, len(prompt) - 1, request.cache_salt, _lora(request))
+        hit = self._connector.lookup(
+            prompt, len(prompt) - 1, request.cache_salt, _lora(request), self._local_prefix
+        )
         self._hits[request.request_id] = hit.tokens
         return max(0, hit.tokens - num_computed_tokens), False
 
@@ -316,6 +338,19 @@ class KVCacheConnector(KVConnectorBase_V1):
             req_id, admitted.prompt[:end], admitted.block_ids, start, end,
             admitted.salt, admitted.lora,
         )  # fmt: skip
+
+    def _local_prefix(self, keys: list[bytes]) -> int:
+        held = self._local_keys
+        return next((i for i, key in enumerate(keys) if key not in held), len(keys))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        changes = connector_output.kv_connector_worker_meta
+        if isinstance(changes, LocalTierChanges):
+            for key, held in changes.changes.items():
+                if held:
+                    self._local_keys.add(key)
+                else:
+                    self._local_keys.discard(key)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -389,6 +424,12 @@ class KVCacheConnector(KVConnectorBase_V1):
                 self._connector.store_chunks(keys, kv)
             except Exception:  # noqa: BLE001 - a store that fails costs future hits only
                 log.warning("kvcache: storing %s failed", store.req_id, exc_info=True)
+
+    def build_connector_worker_meta(self) -> LocalTierChanges | None:
+        if not self._reports_local_tier:
+            return None
+        changes = self._connector.local.drain_changes()
+        return LocalTierChanges(changes) if changes else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

@@ -116,7 +116,7 @@ def run_engine(
     command = [sys.executable, str(ENGINE), str(model), str(prompts_file), str(out_file)]
     done = subprocess.run(
         [*command, "--members", members], env=env, capture_output=True, text=True, timeout=400
-    )
+    )  # an empty `members`: no cluster, the local tier alone
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out_file.read_text()), done.stdout + done.stderr
 
@@ -174,3 +174,19 @@ def test_a_second_engine_loads_the_prefix_the_first_computed(start_cluster, tiny
     assert b[1]["tokens"] == a[2]["tokens"]
     assert "Recovered from KV load failure" in log  # vLLM was told, and recomputed
     assert b[2]["tokens"] == a[3]["tokens"]  # from the two chunks before the broken one
+
+
+@pytest.mark.timeout(600)
+def test_without_a_cluster_a_repeated_prompt_loads_from_the_engines_local_tier(
+    tiny_llama, tmp_path
+):
+    """The scheduler runs apart from the worker's local tier: it learns the tier's keys from
+    the worker's reports, so once vLLM's own prefix cache is emptied the prompt's chunks load
+    from the tier (with no cluster at all) instead of being prefilled again."""
+    prompt = [random.Random(5).randrange(VOCAB) for _ in range(700)]
+    results, _ = run_engine(
+        tiny_llama, [{"tokens": prompt}, {"tokens": prompt, "reset": True}], "", tmp_path, "solo"
+    )
+    assert results[0]["num_cached_tokens"] == 0
+    assert results[1]["num_cached_tokens"] == 512  # two whole chunks from the local tier
+    assert results[1]["tokens"] == results[0]["tokens"]

@@ -253,3 +253,42 @@ def test_on_a_platform_it_cannot_read_the_connector_stands_aside_instead_of_cras
     finally:
         scheduler.shutdown()
         worker.shutdown()
+
+
+def test_the_scheduler_counts_what_the_workers_local_tier_holds_without_any_cluster(
+    tmp_path_factory, parallel_groups
+):
+    """The worker keeps what it stored in its local tier; the scheduler runs apart from it and
+    looked up the cluster alone, so an engine without one (or a chunk the cluster lost) never
+    loaded from that tier. The worker's reported changes make the scheduler's lookup see it."""
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from kvcache.connector.vllm import ChunkTransfer, KVCacheMetadata
+
+    config = engine_config(tmp_path_factory, "")  # no cluster: the local tier only
+    scheduler = KVCacheConnector(config, KVConnectorRole.SCHEDULER)
+    worker = KVCacheConnector(config, KVConnectorRole.WORKER)
+    try:
+        pages = {f"model.layers.{i}.self_attn.attn": torch.randn(8, 2, BLOCK, 128)
+                 for i in range(2)}  # fmt: skip
+        worker.register_kv_caches(pages)
+        tokens = list(range(600))
+        assert scheduler.get_num_new_matched_tokens(request(tokens, "a"), 0) == (0, False)
+        store = ChunkTransfer("a", tokens[:512], [0, 1, 2, 3, 4], 0, 512)
+        worker.bind_connector_metadata(KVCacheMetadata(stores=[store]))
+        worker.wait_for_save()
+        assert worker.connector.store_worker.drain(10)
+        changes = worker.build_connector_worker_meta()
+        assert changes is not None and sum(changes.changes.values()) == 2
+        assert worker.build_connector_worker_meta() is None  # drained: nothing new
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=changes))
+        assert scheduler.get_num_new_matched_tokens(request(tokens, "b"), 0) == (512, False)
+        # and the worker loads them from its tier
+        load = ChunkTransfer("b", tokens[:512], [5, 6, 7, 0, 1], 0, 512)
+        worker.bind_connector_metadata(KVCacheMetadata(loads=[load]))
+        worker.start_load_kv(None)
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert worker.connector.stats.local_hit_tokens == 512
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()

@@ -3,7 +3,8 @@ tests: generates greedy tokens for each prompt in turn and writes what vLLM repo
 
     python vllm_engine.py MODEL_DIR PROMPTS_JSON OUT_JSON --members M [--codec C]
 
-PROMPTS_JSON is a list of {"tokens": [...], "salt": optional cache_salt}; OUT_JSON gets one
+PROMPTS_JSON is a list of {"tokens": [...], "salt": optional cache_salt, "reset": empty vLLM's
+own prefix cache first}; OUT_JSON gets one
 {"tokens", "num_cached_tokens"} per prompt.
 """
 
@@ -22,7 +23,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("prompts")
     parser.add_argument("out")
-    parser.add_argument("--members", required=True)
+    parser.add_argument("--members", default="", help="none: the local tier alone")
     parser.add_argument("--codec", default="none")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
@@ -48,6 +49,8 @@ def main() -> None:
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     results = []
     for prompt in json.loads(Path(args.prompts).read_text()):
+        if prompt.get("reset"):
+            assert llm.reset_prefix_cache()
         tokens = TokensPrompt(prompt_token_ids=prompt["tokens"])
         if prompt.get("salt"):
             tokens["cache_salt"] = prompt["salt"]
