@@ -11,9 +11,10 @@ prompt's chunk keys says how many tokens past vLLM's own prefix-cache hit the wo
 and then the cluster hold (whole chunks, always leaving the prompt's last token to compute; the
 scheduler knows the local tier's keys from the changes the worker reports each step). Each
 step's metadata then names, per request, the tokens to load into which blocks and, once its
-prefill is complete, the new full chunks to store. The worker's moves the bytes: before the forward it loads each request's chunks
-(local tier, then cluster), decodes them and writes them into the paged cache; after the forward it
-copies the new chunks out of the pages and queues them on the store worker.
+prefill is complete, the new full chunks to store. The worker's moves the bytes: before the
+forward it loads each request's chunks (local tier, then cluster), decodes them and writes them
+into the paged cache; after the forward it copies the new chunks out of the pages and queues
+them on the store worker.
 
 Loads are synchronous: on the CPU a decoded chunk is written straight into the pages, and the
 forward needs it anyway. A chunk that is gone or corrupt by load time is reported as failed
