@@ -90,6 +90,11 @@ def namespace_of(config):
         config.kv_transfer_config.kv_connector_extra_config, {})).namespace()  # fmt: skip
 
 
+def cpu_pages() -> dict[str, torch.Tensor]:
+    """The tiny model's two layers of CPU-backend pages (8 blocks), as vLLM registers them."""
+    return {f"model.layers.{i}.self_attn.attn": torch.randn(8, 2, BLOCK, 128) for i in range(2)}
+
+
 def put_chunks(node, keys: list[bytes]) -> None:
     with ClusterClient([node.member]) as client:
         assert client.put(keys, [b"x"] * len(keys)) == [True] * len(keys)
@@ -206,9 +211,7 @@ def test_a_load_that_starts_mid_chunk_and_misses_fails_only_its_own_blocks(
     config = engine_config(tmp_path_factory, f"n0={node.member.address}")
     worker = KVCacheConnector(config, KVConnectorRole.WORKER)
     try:
-        pages = {f"model.layers.{i}.self_attn.attn": torch.zeros(8, 2, BLOCK, 128)
-                 for i in range(2)}  # fmt: skip
-        worker.register_kv_caches(pages)
+        worker.register_kv_caches(cpu_pages())
         tokens = list(range(600))
         # vLLM holds block 0 itself; the cache was to give tokens 128-512, and has nothing
         load = ChunkTransfer("r", tokens[:512], [0, 1, 2, 3, 4], 128, 512)
@@ -269,9 +272,7 @@ def test_the_scheduler_counts_what_the_workers_local_tier_holds_without_any_clus
     scheduler = KVCacheConnector(config, KVConnectorRole.SCHEDULER)
     worker = KVCacheConnector(config, KVConnectorRole.WORKER)
     try:
-        pages = {f"model.layers.{i}.self_attn.attn": torch.randn(8, 2, BLOCK, 128)
-                 for i in range(2)}  # fmt: skip
-        worker.register_kv_caches(pages)
+        worker.register_kv_caches(cpu_pages())
         tokens = list(range(600))
         assert scheduler.get_num_new_matched_tokens(request(tokens, "a"), 0) == (0, False)
         store = ChunkTransfer("a", tokens[:512], [0, 1, 2, 3, 4], 0, 512)
