@@ -23,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,9 +153,14 @@ class RunningContainer:
 class PodNetwork:
     """The pods of one test: network namespaces, their hosts files, their volumes' folders."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, image_paths: tuple[Path, ...] = ()) -> None:
+        """`image_paths`: the host folders that stand for the containers' image (the checkout
+        and its virtualenv), which a volume mounted over a folder holding them (an emptyDir at
+        /tmp, where a CI checkout may live) must not hide."""
         self._workdir = workdir
+        self._keep = tuple(dict.fromkeys([*image_paths, workdir]))
         self._tag = f"kvc{os.getpid() % 1000}"
+        self._stages = Path("/run") / f"kvcache-e2e-{self._tag}"
         self.pods: dict[str, Pod] = {}
         self.names: dict[str, str] = {}  # DNS name -> address
         self.running: list[RunningContainer] = []
@@ -220,11 +225,7 @@ class PodNetwork:
         if not argv:
             raise ValueError(f"{pod.name}/{container['name']}: no command (an image default)")
         mounts = self._mounts(pod, container, volumes, service_account)
-        script = "".join(
-            f"mkdir -p {shlex.quote(target)} && mount --bind {shlex.quote(source)} "
-            f"{shlex.quote(target)} && "
-            for source, target in mounts
-        )
+        script = mount_script(mounts, self._keep, self._stages / f"{pod.netns}-{len(self.running)}")
         log = self._workdir / f"{pod.name}-{container['name']}.log"
         with log.open("ab") as out:
             process = subprocess.Popen(
@@ -259,11 +260,7 @@ class PodNetwork:
             for file_name, text in service_account.items():
                 (folder / file_name).write_text(text)
             mounts.append((str(folder), SERVICE_ACCOUNT_PATH))
-        # a mount over a folder that holds other mounts' sources (an emptyDir at /tmp) last
-        return sorted(
-            mounts,
-            key=lambda mount: any(Path(source).is_relative_to(mount[1]) for source, _ in mounts),
-        )
+        return mounts
 
     def close(self) -> None:
         for running in reversed(self.running):
@@ -272,12 +269,32 @@ class PodNetwork:
             subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True)
             subprocess.run(["ip", "link", "del", f"{self._tag}h{index}"], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / pod.netns, ignore_errors=True)
+        shutil.rmtree(self._stages, ignore_errors=True)  # empty folders: the mounts died with
+        # the pods' mount namespaces
 
 
-@contextlib.contextmanager
-def pod_network(workdir: Path) -> Iterator[PodNetwork]:
-    network = PodNetwork(workdir)
-    try:
-        yield network
-    finally:
-        network.close()
+def mount_script(mounts: list[tuple[str, str]], keep: tuple[Path, ...], stage: Path) -> str:
+    """Shell steps, run in the pod's own mount namespace, that bind each volume's folder at its
+    mount path. The `keep` folders are first bound under `stage` (outside every mount path) and
+    the volumes bound from there, then bound back at their own paths if a volume covered them:
+    a volume at /tmp hides the host's /tmp in the pod, as an emptyDir hides the image's."""
+
+    def bind(source: str | Path, target: str | Path) -> str:
+        source, target = shlex.quote(str(source)), shlex.quote(str(target))
+        return f"mkdir -p {target} && mount --bind {source} {target} && "
+
+    def staged(path: Path) -> Path:
+        for index, folder in enumerate(keep):
+            if path.is_relative_to(folder):
+                return stage / str(index) / path.relative_to(folder)
+        return path
+
+    targets = [Path(target) for _, target in mounts]
+    steps = [bind(folder, stage / str(index)) for index, folder in enumerate(keep)]
+    steps += [bind(staged(Path(source)), target) for source, target in mounts]
+    steps += [
+        bind(stage / str(index), folder)
+        for index, folder in enumerate(keep)
+        if any(folder.is_relative_to(target) for target in targets)
+    ]
+    return "".join(steps) if mounts else ""

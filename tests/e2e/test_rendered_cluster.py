@@ -169,7 +169,8 @@ def cluster(tmp_path_factory, smollm2_dir) -> Iterator[Cluster]:
     objects.add(curve_secret())
     for config_map in objects_of(rendered, "ConfigMap").values():
         objects.add(config_map)
-    network = PodNetwork(workdir)
+    checkout = Path(__file__).resolve().parents[2]
+    network = PodNetwork(workdir, (checkout, Path(sys.prefix)))
     try:
         pods = {name: network.add_pod(name, "llm") for name in (
             "prod-etcd-0", "prod-node-0", "prod-node-1", "prod-node-2",
