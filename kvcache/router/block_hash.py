@@ -37,9 +37,15 @@ def root_digest(hash_seed: str) -> bytes:
     return hashlib.sha256(cbor2.dumps(hash_seed, canonical=True)).digest()
 
 
-def block_digest(parent: bytes, block: tuple[int, ...]) -> bytes:
-    """One block's digest: SHA-256 over the canonical CBOR of (parent, tokens, no extra keys)."""
-    return hashlib.sha256(cbor2.dumps((parent, block, None), canonical=True)).digest()
+def block_digest(parent: bytes, block: tuple[int, ...], extra: tuple | None = None) -> bytes:
+    """One block's digest: SHA-256 over the canonical CBOR of (parent, tokens, extra keys)."""
+    return hashlib.sha256(cbor2.dumps((parent, block, extra), canonical=True)).digest()
+
+
+def salt_keys(cache_salt: str | None) -> tuple | None:
+    """vLLM's extra keys of a prompt's first block for a request with a `cache_salt`
+    (`generate_block_hash_extra_keys`); the later blocks carry it through their parents."""
+    return (("cache_salt", cache_salt),) if cache_salt else None
 
 
 def _check_block_size(block_size: int) -> None:
@@ -47,22 +53,29 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be positive, not {block_size}")
 
 
-def block_digests(token_ids: Sequence[int], block_size: int, hash_seed: str) -> list[bytes]:
+def block_digests(
+    token_ids: Sequence[int], block_size: int, hash_seed: str, cache_salt: str | None = None
+) -> list[bytes]:
     """The full 32-byte digest of each full block of `token_ids` (a partial last block has none,
     as in vLLM)."""
     _check_block_size(block_size)
     parent = root_digest(hash_seed)
     digests: list[bytes] = []
+    extra = salt_keys(cache_salt)
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = block_digest(parent, tuple(token_ids[start : start + block_size]))
+        parent = block_digest(parent, tuple(token_ids[start : start + block_size]), extra)
+        extra = None
         digests.append(parent)
     return digests
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, hash_seed: str) -> list[int]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, hash_seed: str, cache_salt: str | None = None
+) -> list[int]:
     """The hashes vLLM publishes for the full blocks of `token_ids`: what `PrefixIndex.match`
     takes."""
-    return [low_64_bits(digest) for digest in block_digests(token_ids, block_size, hash_seed)]
+    digests = block_digests(token_ids, block_size, hash_seed, cache_salt)
+    return [low_64_bits(digest) for digest in digests]
 
 
 class BlockHasher:
@@ -76,17 +89,20 @@ class BlockHasher:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.capacity_blocks = capacity_blocks
-        self._digests: OrderedDict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = OrderedDict()
+        self._digests: OrderedDict[tuple[bytes, tuple[int, ...], tuple | None], tuple[bytes, int]]
+        self._digests = OrderedDict()
 
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         digests, size = self._digests, self.block_size
         parent = root_digest(self.hash_seed)
         hashes: list[int] = []
+        extra = salt_keys(cache_salt)
         for start in range(0, len(token_ids) - size + 1, size):
-            key = (parent, tuple(token_ids[start : start + size]))
+            key = (parent, tuple(token_ids[start : start + size]), extra)
+            extra = None
             known = digests.get(key)
             if known is None:
-                digest = block_digest(parent, key[1])
+                digest = block_digest(*key)
                 known = digests[key] = (digest, low_64_bits(digest))
                 if len(digests) > self.capacity_blocks:
                     digests.popitem(last=False)

@@ -16,8 +16,9 @@ names), they are all the router knows, and are kept for `history_ttl_s`.
 The cluster is asked per engine namespace: each engine publishes what its connector binds into
 chunk keys, and with the salt the operator gave it and the request's own `cache_salt` and LoRA
 adapter (`Namespace.for_request`) the router names exactly the chunks that engine could load.
-vLLM's block hashes also bind a request's `cache_salt`, LoRA adapter and images, which the
-router's hashes do not yet: such requests are not matched against the index.
+vLLM's block hashes also bind a request's `cache_salt` (the router's do too) and its LoRA
+adapter and images, which the router's hashes do not yet: such requests are not matched
+against the index.
 """
 
 from __future__ import annotations
@@ -154,10 +155,9 @@ class Decision:
 
 
 def has_extra_keys(path: str, payload: dict, engines: list[Engine]) -> bool:
-    """Whether vLLM's block hashes for this request bind more than its tokens: a `cache_salt`,
-    a LoRA adapter, or images and other non-text parts (vLLM's extra keys)."""
-    if payload.get("cache_salt"):
-        return True
+    """Whether vLLM's block hashes for this request bind more than its tokens and `cache_salt`
+    (which the hashes carry): a LoRA adapter (with its path), or images and other non-text
+    parts (vLLM's extra keys)."""
     model = payload.get("model")
     if isinstance(model, str) and any(engine.models.get(model) for engine in engines):
         return True
@@ -171,9 +171,12 @@ def has_extra_keys(path: str, payload: dict, engines: list[Engine]) -> bool:
     return False
 
 
-def text_chunk_hashes(text: str) -> list[int]:
-    """Approximate mode's blocks: chained 64-bit hashes of the text's full 128-char chunks."""
-    hashes, parent = [], 0
+def text_chunk_hashes(text: str, cache_salt: str | None = None) -> list[int]:
+    """Approximate mode's blocks: chained 64-bit hashes of the text's full 128-char chunks,
+    chained from the request's `cache_salt` when it has one (salted prompts share no blocks with
+    others in vLLM either)."""
+    hashes = []
+    parent = xxhash.xxh3_64_intdigest(cache_salt.encode("utf-8")) if cache_salt else 0
     for start in range(0, len(text) - TEXT_CHUNK_CHARS + 1, TEXT_CHUNK_CHARS):
         chunk = text[start : start + TEXT_CHUNK_CHARS].encode("utf-8", "surrogatepass")
         parent = xxhash.xxh3_64_intdigest(chunk, seed=parent)
@@ -254,13 +257,15 @@ class PrefixPolicy:
 
     async def rank(self, path: str, payload: dict, engines: list[Engine]) -> Decision:
         prompt = self._prompt(path, payload)
+        salt = payload.get("cache_salt")
+        salt = salt if isinstance(salt, str) and salt else None
         if prompt.token_ids is not None:
             block_tokens = self.settings.block_size
-            hashes = self._hasher.hashes(prompt.token_ids)
+            hashes = self._hasher.hashes(prompt.token_ids, salt)
             prompt_tokens = len(prompt.token_ids)
         else:
             block_tokens = TEXT_CHUNK_CHARS // CHARS_PER_TOKEN
-            hashes = text_chunk_hashes(prompt.text)
+            hashes = text_chunk_hashes(prompt.text, salt)
             prompt_tokens = max(1, len(prompt.text) // CHARS_PER_TOKEN)
         affinity = (
             affinity_block(hashes, block_tokens, self.settings.score)

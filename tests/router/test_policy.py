@@ -215,15 +215,14 @@ def test_text_mode_remembers_a_routed_prefix_for_the_history_ttl_whatever_the_ev
 
 
 def test_requests_with_vllm_extra_keys_are_not_matched_against_the_index():
-    """vLLM's block hashes bind a request's cache_salt, LoRA adapter and images; the router's
-    hashes do not yet, so such requests must not be steered by blocks vLLM keeps apart."""
+    """vLLM's block hashes bind a request's LoRA adapter and images; the router's hashes do not
+    yet, so such requests must not be steered by blocks vLLM keeps apart."""
     ids = list(range(8 * BLOCK))
     policy = PrefixPolicy(PolicySettings(block_size=BLOCK))
     engines = [Engine("a", "http://a", models={"base": "", "sql": "sql"})]
     policy.index.add_speculative("a", block_hashes(ids, BLOCK, "0"), ttl_s=300)
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     for path, payload in [
-        ("/v1/completions", {"prompt": ids, "cache_salt": "user-1"}),
         ("/v1/completions", {"prompt": ids, "model": "sql"}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]}),
     ]:
@@ -231,3 +230,10 @@ def test_requests_with_vllm_extra_keys_are_not_matched_against_the_index():
         assert decision.block_hashes == []
     plain = asyncio.run(policy.rank("/v1/completions", {"prompt": ids, "model": "base"}, engines))
     assert policy.index.match(plain.block_hashes) == {"a": 8}
+    # a cache_salt is hashed as vLLM hashes it (checked against real vLLM in
+    # test_vllm_routing.py): salted requests match only blocks of their own salt
+    salted = {"prompt": ids, "model": "base", "cache_salt": "user-1"}
+    decision = asyncio.run(policy.rank("/v1/completions", salted, engines))
+    assert decision.block_hashes == block_hashes(ids, BLOCK, "0", "user-1")
+    assert policy.index.match(decision.block_hashes) == {}
+    assert set(decision.block_hashes).isdisjoint(plain.block_hashes)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from http_servers import free_port, serving, wait_for
 
-from kvcache.router.block_hash import block_hashes
+from kvcache.router.block_hash import BlockHasher, block_hashes
 from kvcache.router.engines import EnginePool
 from kvcache.router.kv_events import BlockStored, EventBatch
 from kvcache.router.policy import EngineEvents, PolicySettings
@@ -317,6 +317,12 @@ def test_a_shared_prefix_goes_to_the_engine_whose_events_show_it(engines, front,
     front.wait_idle()
     engine, _, cached = post(front.url, second)
     assert engine == other and cached >= blocks * BLOCK
+    # a request with a cache_salt: the engine's blocks are the router's salted hashes
+    text = document(rng, tokenizer)
+    salted = {**chat(text, "Who reads this?"), "cache_salt": "tenant-x"}
+    post(engines[holder].url, salted)
+    front.wait_until_stored(holder, BlockHasher(BLOCK, "0").hashes(ids(salted), "tenant-x"))
+    assert not front.stored[holder] & set(block_hashes(ids(salted), BLOCK, "0"))
     # both engines' first stored blocks hash as the router hashes them (its self-check)
     metrics = httpx.get(f"{front.url}/metrics").text
     for name in engines:
