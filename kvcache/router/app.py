@@ -87,7 +87,7 @@ class ProxySettings:
     idle_timeout_s: float = 120.0
 
 
-class _PolicyCounters(Collector):
+class _PolicyMetrics(Collector):
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
 
@@ -98,7 +98,7 @@ class _PolicyCounters(Collector):
 class _Metrics:
     def __init__(self, policy: Policy) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_PolicyCounters(policy))
+        self.registry.register(_PolicyMetrics(policy))
         self.requests = Counter(
             "kvcache_router_requests", "requests by engine and outcome",
             ["engine", "outcome"], registry=self.registry,
@@ -214,6 +214,13 @@ def create_app(
         ranking = decision.ranking
         headers = _forward_headers(request.headers)
         session = state["session"]
+
+        def given_up(engine: Engine, outcome: str) -> None:
+            """The request will not be relayed from `engine`: its counts go back."""
+            engine.in_flight -= 1
+            engine.awaiting_first_token -= 1
+            metrics.requests.labels(engine.name, outcome).inc()
+
         for attempt, engine in enumerate(ranking[: settings.max_attempts]):
             if attempt:
                 metrics.retries.inc()
@@ -228,22 +235,16 @@ def create_app(
                     settings.first_byte_timeout_s,
                 )
             except ClientLeft:
-                engine.in_flight -= 1
-                engine.awaiting_first_token -= 1
-                metrics.requests.labels(engine.name, "client_left").inc()
+                given_up(engine, "client_left")
                 return Response(status_code=499)  # nobody reads it
             except (TimeoutError, aiohttp.ClientError) as error:
-                engine.in_flight -= 1
-                engine.awaiting_first_token -= 1
+                given_up(engine, "unreachable")
                 pool.mark_failed(engine)
-                metrics.requests.labels(engine.name, "unreachable").inc()
                 log.warning("engine %s (%s) unreachable: %s", engine.name, engine.url, error)
                 continue
             if upstream.status >= 500 and attempt + 1 < min(len(ranking), settings.max_attempts):
                 upstream.release()
-                engine.in_flight -= 1
-                engine.awaiting_first_token -= 1
-                metrics.requests.labels(engine.name, f"{upstream.status}").inc()
+                given_up(engine, str(upstream.status))
                 log.warning("engine %s answered %d; trying the next", engine.name, upstream.status)
                 continue
             policy.routed(decision, engine)

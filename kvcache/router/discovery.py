@@ -79,7 +79,7 @@ def engines_of(pod: dict[str, Any]) -> list[DiscoveredEngine]:
     annotations = metadata.get("annotations") or {}
     port = annotations.get(ENGINE_PORT_ANNOTATION, ENGINE_PORT)
     name = f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
-    ranks = _data_parallel_ranks(annotations)
+    ranks, salt = _data_parallel_ranks(annotations), _tenant_salt(pod)
     engines = []
     for rank in ranks:
         events = None
@@ -94,7 +94,7 @@ def engines_of(pod: dict[str, Any]) -> list[DiscoveredEngine]:
                 f"{name}/dp{rank}" if len(ranks) > 1 else name,
                 f"http://{ip}:{port}",
                 events,
-                _tenant_salt(pod),
+                salt,
                 rank if len(ranks) > 1 else None,
             )
         )
