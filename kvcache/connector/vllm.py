@@ -173,6 +173,8 @@ class NamespaceInfo(KVConnectorPromMetrics):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        if not _platform_served():
+            return  # a connector that stands aside loads nothing: the router must not credit it
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config
         settings = VllmSettings.from_sources(extra)
         published = key_settings(vllm_config, settings).published()

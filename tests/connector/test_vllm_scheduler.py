@@ -4,6 +4,8 @@ with a real cache node behind it. The end-to-end path with real engines is `test
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -253,6 +255,16 @@ def test_on_a_platform_it_cannot_read_the_connector_stands_aside_instead_of_cras
         worker.start_load_kv(None)
         worker.wait_for_save()
         assert "serves without the cache" in caplog.text
+        # nor does its API server publish key settings the router would credit it with
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from kvcache.connector.vllm import NamespaceInfo
+
+        registry = CollectorRegistry()
+        gauge = functools.partial(Gauge, registry=registry)
+        types = {Gauge: gauge, Counter: Counter, Histogram: Histogram}
+        NamespaceInfo(config, types, ["model_name", "engine"], {0: ["tiny", "0"]})
+        assert not list(registry.collect())
     finally:
         scheduler.shutdown()
         worker.shutdown()
