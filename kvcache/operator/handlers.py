@@ -120,7 +120,7 @@ async def reconcile(
     nodes = applied.live[STATEFULSETS.plural, ref.namespace, ref.nodes]
     seen = Observation.of_statefulset(
         body.meta.get("generation"), nodes, rendered=True, problem=applied.problem,
-        **await _etcd(kube, ref, spec),
+        **await _etcd(kube, ref, spec, applied.live),
     )  # fmt: skip
     patch.status.update(to_dict(cluster_status(spec, ref, seen, _conditions(body), _now())))
     for namespace, name in engine_requests.get((ref.namespace, ref.name), ()):
@@ -222,12 +222,20 @@ def _parse(cluster: Mapping[str, Any]) -> tuple[ClusterRef, KVCacheClusterSpec]:
     return ref, KVCacheClusterSpec.from_dict(cluster.get("spec"))
 
 
-async def _etcd(kube: Kube, ref: ClusterRef, spec: KVCacheClusterSpec) -> dict[str, Any]:
+async def _etcd(
+    kube: Kube,
+    ref: ClusterRef,
+    spec: KVCacheClusterSpec,
+    applied: Mapping[tuple[str, str, str], Any] | None = None,
+) -> dict[str, Any]:
     """The managed etcd's StatefulSet, for the observation: nodes that cannot register serve
-    no client, so the cluster is not Ready without it."""
+    no client, so the cluster is not Ready without it. `applied`: the children an apply just
+    returned, which hold it already."""
     if not spec.etcd.managed:
         return {}
-    return {"etcd": await kube.read(STATEFULSETS, ref.namespace, ref.etcd), "etcd_managed": True}
+    key = (STATEFULSETS.plural, ref.namespace, ref.etcd)
+    etcd = applied[key] if applied and key in applied else await kube.read(STATEFULSETS, *key[1:])
+    return {"etcd": etcd, "etcd_managed": True}
 
 
 def _conditions(cluster: Mapping[str, Any]) -> list[Mapping[str, Any]]:
